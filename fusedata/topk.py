@@ -1,0 +1,70 @@
+"""The in-memory form of per-position top-k next-token distributions.
+
+Every stage that reads or writes top-k data speaks this type; codecs turn it into Arrow
+columns and back. Positions of all windows in a batch are flattened into one array so
+that encode/decode and the losses are vectorised, with `lengths` giving the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TopK:
+    """Top-k distributions of a batch of windows, positions flattened.
+
+    ids:          int32   [N, k] token ids, sorted by log-prob descending
+    logprobs:     float32 [N, k] log-softmax over the full vocabulary (not renormalised)
+    gold_logprob: float32 [N]    log-prob of the actual next token
+    tail_mass:    float32 [N]    probability outside the top-k, 1 - sum(exp(logprobs))
+    lengths:      int64   [W]    positions per window; lengths.sum() == N
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    gold_logprob: np.ndarray
+    tail_mass: np.ndarray
+    lengths: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = int(self.lengths.sum()) if len(self.lengths) else 0
+        if self.ids.shape != self.logprobs.shape or self.ids.ndim != 2:
+            raise ValueError(f"ids {self.ids.shape} and logprobs {self.logprobs.shape} must be [N, k]")
+        if self.ids.shape[0] != n or self.gold_logprob.shape != (n,) or self.tail_mass.shape != (n,):
+            raise ValueError("TopK arrays disagree with lengths")
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.ids.shape[0])
+
+    def offsets(self) -> np.ndarray:
+        """Start index of every window in the flat arrays, plus the end: int64 [W+1]."""
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    def window(self, i: int) -> TopK:
+        """The positions of one window as its own TopK."""
+        off = self.offsets()
+        s = slice(int(off[i]), int(off[i + 1]))
+        return TopK(
+            self.ids[s], self.logprobs[s], self.gold_logprob[s], self.tail_mass[s],
+            np.array([off[i + 1] - off[i]], dtype=np.int64),
+        )
+
+    @staticmethod
+    def concat(parts: list[TopK]) -> TopK:
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return TopK(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.logprobs for p in parts]),
+            np.concatenate([p.gold_logprob for p in parts]),
+            np.concatenate([p.tail_mass for p in parts]),
+            np.concatenate([p.lengths for p in parts]).astype(np.int64),
+        )

@@ -1,0 +1,91 @@
+"""The one adapter from a fusedata stage to Ray Data.
+
+Each input shard becomes one row of a Ray dataset; `map_batches` runs a pool of actors that
+load the model once (`setup()`) and call the same `process_shard` the local executor uses,
+so a shard is written atomically by whichever worker computed it. Output folders must be on
+storage every node sees (a shared filesystem) when running on a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from fusedata.dataset import DatasetDir
+from fusedata.executor import ShardResult, ShardTask, Stage, process_shard
+
+
+class _ShardWorker:
+    def __init__(self, make_stage: Callable[[], Stage], out_path: str) -> None:
+        self.stage = make_stage()
+        self.stage.setup()
+        self.out = DatasetDir(out_path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = []
+        for row in batch.to_pylist():
+            table = pa.Table.from_pylist(row["rows"])
+            r = process_shard(self.stage, ShardTask(row["name"], table), self.out)
+            results.append(r.__dict__)
+        return pa.Table.from_pylist(results)
+
+
+def _bind_worker(make_stage: Callable[[], Stage], out_path: str) -> type:
+    """A worker class with its arguments captured (pickled with the class), so Ray Data needs
+    no constructor arguments in the object store and can restart a lost actor."""
+
+    class ShardWorker(_ShardWorker):
+        def __init__(self) -> None:
+            super().__init__(make_stage, out_path)
+
+    return ShardWorker
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+class RayExecutor:
+    """Shards across a pool of Ray actors, one model load per actor."""
+
+    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None) -> None:
+        self.address = address
+        self.workers = workers
+        self.cpus_per_worker = cpus_per_worker
+
+    def run(self, make_stage: Callable[[], Stage], tasks: list[ShardTask], out: DatasetDir, progress: Any) -> list[ShardResult]:
+        if not tasks:
+            return []
+        init_ray(self.address)
+        cpus = self.cpus_per_worker or max(1.0, ray.cluster_resources().get("CPU", 1.0) / self.workers)
+        items = [{"name": t.name, "rows": t.table.to_pylist()} for t in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = ds.map_batches(
+            _bind_worker(make_stage, str(out.path.resolve())),
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=cpus,
+        )
+        done = []
+        for row in results.iter_rows():
+            result = ShardResult(**row)
+            progress.shard_done(result)
+            done.append(result)
+        return done
