@@ -1,0 +1,104 @@
+"""Extract throughput vs a bare forward pass of the same model on the same batches.
+
+For each bundled model: the windows of the demo corpus are cut and batched once; then the
+extract path (base model + chunked LM head + top-k + log-sum-exp) and a bare
+`model(input_ids, attention_mask).logits` run alternately on those batches, each in its own
+subprocess so that peak memory (max RSS) is measured per mode. Prints a markdown table.
+
+    .venv/bin/python benchmarks/extract.py [--models smollm2-135m gemma3-270m] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: int, top_k: int) -> dict:
+    """Runs in a subprocess: tokens/s of one mode and the process's peak RSS."""
+    import torch
+
+    from fusedata.corpus import read_corpus
+    from fusedata.extract import ExtractConfig, ExtractStage, batch_by_budget
+
+    stage = ExtractStage(ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens))
+    stage.setup()
+    docs, _ = read_corpus([corpus])
+    wins = stage.windows(docs)
+    batches = [[wins[i].ids for i in b] for b in batch_by_budget([len(w.ids) for w in wins], batch_tokens)]
+    tokens = sum(len(w.ids) for w in wins)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for seqs in batches:
+        if mode == "extract":
+            stage.forward(seqs)
+        else:
+            T = max(len(s) for s in seqs)
+            ids = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids[b, : len(s)] = torch.from_numpy(s.astype("int64"))
+                mask[b, : len(s)] = 1
+            with torch.inference_mode():
+                _ = stage.model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+    seconds = time.perf_counter() - t0
+    return {
+        "tokens": tokens,
+        "tok_s": tokens / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_before / 1024,
+    }
+
+
+def run_one(model: str, mode: str, corpus: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", model, mode, corpus, str(args.max_length), str(args.batch_tokens), str(args.top_k)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode (median reported)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=2048, help="8 x 256; a bare forward materialises [B,T,V]")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--per-domain", type=int, default=4)
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        m, mode, corpus, ml, bt, k = args.child
+        print(json.dumps(_measure(m, mode, corpus, int(ml), int(bt), int(k))))
+        return
+
+    from fusedata.demo_corpus import build_demo_corpus
+
+    corpus = str(Path(tempfile.mkdtemp()) / "corpus.jsonl")
+    build_demo_corpus(Path(corpus), per_domain=args.per_domain, max_chars=1500)
+    rows = []
+    for model in args.models:
+        runs: dict[str, list[dict]] = {"extract": [], "bare": []}
+        for _ in range(args.rounds):
+            for mode in ("bare", "extract"):
+                runs[mode].append(run_one(model, mode, corpus, args))
+        ext = statistics.median(r["tok_s"] for r in runs["extract"])
+        bare = statistics.median(r["tok_s"] for r in runs["bare"])
+        rows.append((model, runs["extract"][0]["tokens"], bare, ext, ext / bare,
+                     max(r["peak_rss_mb"] for r in runs["bare"]), max(r["peak_rss_mb"] for r in runs["extract"])))
+    print(f"\nextract vs bare forward — fp32 CPU, batches of {args.batch_tokens} tokens, windows ≤ {args.max_length}, "
+          f"k={args.top_k}, median of {args.rounds} alternating rounds\n")
+    print("| model | tokens | bare forward tok/s | extract tok/s | extract ÷ bare | peak RSS bare (MB) | peak RSS extract (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for m, n, b, e, r, rb, re_ in rows:
+        print(f"| {m} | {n} | {b:,.0f} | {e:,.0f} | {r:.2f} | {rb:,.0f} | {re_:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
