@@ -5,12 +5,16 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_KEY = b"fusedata.schema"
+K_KEY = b"fusedata.k"  # entries per position in the top-k columns
 
 
-def with_kind(schema: pa.Schema, kind: str, version: int, extra: dict[bytes, bytes] | None = None) -> pa.Schema:
-    """Attach the dataset kind/version (and codec metadata) to a schema."""
+def with_kind(schema: pa.Schema, kind: str, version: int, extra: dict[bytes, bytes] | None = None,
+              k: int | None = None) -> pa.Schema:
+    """Attach the dataset kind/version, k and codec metadata to a schema."""
     meta = dict(schema.metadata or {})
     meta[SCHEMA_KEY] = f"{kind}/{version}".encode()
+    if k is not None:
+        meta[K_KEY] = str(int(k)).encode()
     meta.update(extra or {})
     return schema.with_metadata(meta)
 
@@ -18,3 +22,10 @@ def with_kind(schema: pa.Schema, kind: str, version: int, extra: dict[bytes, byt
 def kind_of(schema: pa.Schema) -> str | None:
     raw = (schema.metadata or {}).get(SCHEMA_KEY)
     return raw.decode() if raw else None
+
+
+def k_of(schema: pa.Schema) -> int:
+    raw = (schema.metadata or {}).get(K_KEY)
+    if raw is None:
+        raise ValueError("no top-k size (fusedata.k) in the schema metadata")
+    return int(raw)

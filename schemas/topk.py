@@ -25,6 +25,6 @@ BASE_FIELDS = [
 ]
 
 
-def topk_schema(codec_fields: list[pa.Field], codec_metadata: dict[bytes, bytes]) -> pa.Schema:
+def topk_schema(codec_fields: list[pa.Field], codec_metadata: dict[bytes, bytes], k: int) -> pa.Schema:
     """The full schema: base columns followed by the codec's top-k columns."""
-    return with_kind(pa.schema(BASE_FIELDS + list(codec_fields)), "topk", TOPK_SCHEMA_VERSION, codec_metadata)
+    return with_kind(pa.schema(BASE_FIELDS + list(codec_fields)), "topk", TOPK_SCHEMA_VERSION, codec_metadata, k)

@@ -1,0 +1,154 @@
+"""Fusion of candidate distributions (the target's own and the aligned sources'): MinCE, AvgCE.
+
+All candidates are sparse top-k distributions on the target's positions and vocabulary.
+Both methods are one mechanism: per unit (window or token) each candidate gets a weight,
+and the fused distribution is the weighted mixture, duplicates merged by adding
+probabilities, truncated to the k_out most probable ids.
+
+- MinCE: weight 1 for the candidate with the lowest cross-entropy on the gold text (ties go
+  to the lower index, so the target wins ties), 0 for the others.
+- AvgCE: weights = softmax(-CE / temperature) over the candidates (lower CE, larger weight).
+
+Comparing candidates. A *window* is compared by CE per byte of the text it predicts, each
+model measured on its own tokenisation (`metric="byte"`, the default): per-token CE is not
+comparable across tokenizers, because their tokens cover different amounts of text, and the
+own-tokenisation figure is untouched by alignment errors. `metric="token"` instead uses the
+mean −log p(label) of the aligned distributions on the target's tokens (FuseLLM's setting).
+A *token* is compared by −log p(label) of each aligned distribution at that position: all
+candidates then predict the same target token, so the figures are directly comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusedata.topk import TopK
+
+PAD_ID = -1
+MIN_PROB = 1e-12
+
+
+def label_logprob(topk: TopK, labels: np.ndarray, vocab_size: int) -> np.ndarray:
+    """float64 [N]: log p(label) under a sparse distribution. A label outside the top-k gets
+    its share of the tail mass spread uniformly over the ids not listed."""
+    hit = topk.ids == labels[:, None]  # [N, k]
+    found = hit.any(axis=1)
+    listed = np.where(hit, topk.logprobs.astype(np.float64), -np.inf).max(axis=1)
+    n_valid = (topk.ids != PAD_ID).sum(axis=1)
+    spread = np.maximum(topk.tail_mass.astype(np.float64), MIN_PROB) / np.maximum(vocab_size - n_valid, 1)
+    return np.where(found, listed, np.log(spread))
+
+
+def merge_sparse(rows: np.ndarray, ids: np.ndarray, probs: np.ndarray, n_rows: int, k_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum probabilities of equal (row, id) entries and keep each row's k_out largest.
+
+    rows, ids, probs: flat [E] entries (ids >= 0). Returns ids int32 [n_rows, k_out] (PAD_ID
+    where a row has fewer entries) and probs float64 [n_rows, k_out], sorted descending;
+    equal probabilities are ordered by id, so the result is deterministic.
+    """
+    keep = (ids >= 0) & (probs > 0)
+    rows, ids, probs = rows[keep].astype(np.int64), ids[keep].astype(np.int64), probs[keep]
+    out_ids = np.full((n_rows, k_out), PAD_ID, dtype=np.int32)
+    out_p = np.zeros((n_rows, k_out), dtype=np.float64)
+    if rows.size == 0:
+        return out_ids, out_p
+    span = int(ids.max()) + 1
+    keys, inverse = np.unique(rows * span + ids, return_inverse=True)  # sorted by (row, id)
+    summed = np.bincount(inverse, weights=probs)  # [U]
+    urow, uid = keys // span, keys % span
+    order = np.lexsort((uid, -summed, urow))  # by row, then prob desc, then id asc
+    urow, uid, summed = urow[order], uid[order], summed[order]
+    first = np.searchsorted(urow, urow, side="left")  # index of each row's first entry
+    rank = np.arange(urow.size) - first
+    sel = rank < k_out
+    out_ids[urow[sel], rank[sel]] = uid[sel]
+    out_p[urow[sel], rank[sel]] = summed[sel]
+    return out_ids, out_p
+
+
+def softmax_neg(ce: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(-ce / temperature) over the last axis."""
+    z = -ce / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def onehot_min(ce: np.ndarray) -> np.ndarray:
+    """Weight 1 on the lowest CE of the last axis (first index on ties)."""
+    w = np.zeros_like(ce, dtype=np.float64)
+    np.put_along_axis(w, ce.argmin(axis=-1)[..., None], 1.0, axis=-1)
+    return w
+
+
+@dataclass
+class FuseResult:
+    topk: TopK  # fused distribution, target ids
+    winner: np.ndarray  # int8 [N] winning candidate (MinCE), -1 for AvgCE
+    weights: np.ndarray  # float32 [W, M] per-window candidate weights (token unit: mean over positions)
+    candidate_ce: np.ndarray  # float32 [W, M] window-level CE of each candidate under `metric`
+
+
+def fuse(
+    candidates: list[TopK],
+    labels: np.ndarray,
+    window_ce: np.ndarray,
+    vocab_size: int,
+    method: str = "mince",
+    unit: str = "window",
+    k_out: int | None = None,
+    temperature: float = 1.0,
+) -> FuseResult:
+    """Fuse M candidate distributions over the same N target positions.
+
+    candidates: M TopK with equal lengths (candidate 0 is the target itself)
+    labels:     int [N] the target's next-token ids
+    window_ce:  float [W, M] window-level CE of each candidate (used when unit == "window")
+    """
+    if method not in ("mince", "avgce"):
+        raise ValueError(f"unknown fusion method {method!r}")
+    if unit not in ("window", "token"):
+        raise ValueError(f"unknown fusion unit {unit!r}")
+    lengths = candidates[0].lengths
+    n = candidates[0].n_positions
+    k_out = k_out or candidates[0].k
+    token_lp = np.stack([label_logprob(c, labels, vocab_size) for c in candidates], axis=1)  # [N, M]
+    if unit == "window":
+        ce = window_ce.astype(np.float64)  # [W, M]
+        w_win = onehot_min(ce) if method == "mince" else softmax_neg(ce, temperature)
+        w_pos = np.repeat(w_win, lengths, axis=0)  # [N, M]
+    else:
+        w_pos = onehot_min(-token_lp) if method == "mince" else softmax_neg(-token_lp, temperature)
+        w_win = window_sums(w_pos, lengths) / np.maximum(lengths, 1)[:, None]
+    # mixture over all candidates' entries: [N, M*k] flattened
+    rows = np.concatenate([np.repeat(np.arange(n), c.k) for c in candidates])
+    ids = np.concatenate([c.ids.ravel() for c in candidates])
+    probs = np.concatenate([(np.exp(c.logprobs.astype(np.float64)) * w_pos[:, j : j + 1]).ravel()
+                            for j, c in enumerate(candidates)])
+    out_ids, out_p = merge_sparse(rows, ids, probs, n, k_out)
+    with np.errstate(divide="ignore"):
+        out_lp = np.where(out_ids == PAD_ID, -np.inf, np.log(out_p)).astype(np.float32)
+    gold = np.log(np.maximum((w_pos * np.exp(token_lp)).sum(axis=1), MIN_PROB)).astype(np.float32)
+    tail = np.clip(1.0 - out_p.sum(axis=1), 0.0, 1.0).astype(np.float32)
+    winner = w_pos.argmax(axis=1).astype(np.int8) if method == "mince" else np.full(n, -1, dtype=np.int8)
+    fused = TopK(out_ids, out_lp, gold, tail, lengths.astype(np.int64))
+    return FuseResult(fused, winner, w_win.astype(np.float32), window_ce.astype(np.float32))
+
+
+def window_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[W, ...] sums of the per-position `values` [N, ...] over each window (0 for empty ones)."""
+    out = np.zeros((len(lengths),) + values.shape[1:], dtype=np.float64)
+    nz = lengths > 0
+    if nz.any():
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        out[nz] = np.add.reduceat(values, starts[nz], axis=0)
+    return out
+
+
+def token_metric_ce(candidates: list[TopK], labels: np.ndarray, vocab_size: int) -> np.ndarray:
+    """float [W, M]: mean −log p(label) per window for each candidate (metric="token")."""
+    token_lp = np.stack([label_logprob(c, labels, vocab_size) for c in candidates], axis=1)  # [N, M]
+    lengths = candidates[0].lengths
+    return -window_sums(token_lp, lengths) / np.maximum(lengths, 1)[:, None]
