@@ -103,5 +103,23 @@ def demo_corpus(output, per_domain, max_chars, skip):
     click.echo(f"{output}: {n} documents", err=True)
 
 
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts into this folder.")
+def inspect_cmd(path, as_json, plot_dir):
+    """Summarise any fusedata dataset folder (topk, aligned, fused)."""
+    import json
+
+    from fusedata.inspect import plot, render, summarize
+
+    summary = summarize(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+    if plot_dir:
+        for f in plot(path, plot_dir):
+            click.echo(f"wrote {f}", err=True)
+
+
 if __name__ == "__main__":
     main()

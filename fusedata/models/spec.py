@@ -92,7 +92,9 @@ def load_tokenizer(ref: ModelRef) -> Any:
 def load_model(ref: ModelRef, device: str = "cpu", dtype: str = "float32") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype))
     except OSError as exc:

@@ -1,0 +1,153 @@
+"""`fusedata inspect`: what is in any fusedata dataset folder, for people and for machines."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from fusedata.codec import codec_from_schema, decode_topk
+from fusedata.dataset import open_dataset
+from fusedata.errors import UsageError
+from schemas.common import k_of
+
+TOPK_COLUMN_PREFIXES = ("topk_", "gold_", "tail_")
+
+
+def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
+    """Compressed bytes per top-level column, summed over shards (from Parquet metadata)."""
+    sizes: dict[str, int] = defaultdict(int)
+    for name in shard_names:
+        meta = pq.read_metadata(folder / name)
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                sizes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
+    return dict(sizes)
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    folder = Path(path)
+    manifest = open_dataset(folder)
+    names = [s.name for s in manifest.shards]
+    schema = pq.read_schema(folder / names[0]) if names else None
+    try:
+        k = k_of(schema) if schema is not None else None
+    except ValueError as exc:
+        raise UsageError(f"{folder / names[0]}: {exc}") from None
+    codec = codec_from_schema(schema, str(folder)) if schema is not None else None
+    codec_cols = {f.name for f in codec.fields()} if codec else set()
+    sizes = column_bytes(folder, names)
+    positions = int(manifest.stats.get("positions") or manifest.tokens - manifest.rows)
+    topk_bytes = sum(v for k, v in sizes.items() if k in codec_cols)
+    total = sum(s.bytes for s in manifest.shards)
+    return {
+        "path": str(folder),
+        "kind": manifest.kind,
+        "rows": manifest.rows,
+        "tokens": manifest.tokens,
+        "positions": positions,
+        "k": k,
+        "codec": codec.spec() if codec else None,
+        "shards": len(names),
+        "total_bytes": total,
+        "bytes_per_token": total / max(positions, 1),
+        "topk_bytes": topk_bytes,
+        "topk_bytes_per_token": topk_bytes / max(positions, 1),
+        "column_bytes": sizes,
+        "model": manifest.run.get("model") or manifest.run.get("source", {}).get("model"),
+        "stats": manifest.stats,
+        "fusedata_version": manifest.fusedata_version,
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    """A short human report."""
+    lines = [
+        f"{summary['path']}: {summary['kind']} dataset ({summary['model']})",
+        f"  rows {summary['rows']:,}   tokens {summary['tokens']:,}   positions {summary['positions']:,}   "
+        f"shards {summary['shards']}",
+        f"  k {summary['k']}   codec {summary['codec']['name']} v{summary['codec']['version']}",
+        f"  size {summary['total_bytes'] / 1e6:.2f} MB   {summary['bytes_per_token']:.2f} bytes/token "
+        f"(top-k columns {summary['topk_bytes_per_token']:.2f})",
+    ]
+    stats = summary["stats"]
+    if summary["kind"] == "topk" and "mean_ce" in stats:
+        lines.append(f"  mean CE {stats['mean_ce']:.3f} nats/token   docs {stats.get('docs')}")
+    if summary["kind"] == "aligned" and "kinds" in stats:
+        share = ", ".join(f"{k} {v:.1%}" for k, v in stats["kinds"].items())
+        lines.append(f"  alignment: {share}   mass kept {stats.get('mass_kept', float('nan')):.3f}")
+    if summary["kind"] == "fused" and "candidates" in stats:
+        for c, w, s, ce in zip(stats["candidates"], stats["winning_share"], stats["mean_weights"],
+                               stats["mean_candidate_ce"], strict=True):
+            lines.append(f"  candidate {c}: wins {w:.1%} of positions, mean weight {s:.3f}, mean CE {ce:.3f}")
+    biggest = sorted(summary["column_bytes"].items(), key=lambda kv: -kv[1])[:6]
+    per_tok = ", ".join(f"{k} {v / max(summary['positions'], 1):.2f}" for k, v in biggest)
+    lines.append(f"  bytes/token by column: {per_tok}")
+    return "\n".join(lines)
+
+
+def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
+    """PNG charts of a dataset; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(path)
+    folder, out = Path(path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = open_dataset(folder)
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        target = out / name
+        fig.tight_layout()
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+
+    sizes = summary["column_bytes"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    cols = sorted(sizes, key=lambda c: -sizes[c])
+    ax.barh(cols, [sizes[c] / max(summary["positions"], 1) for c in cols], color="#4c72b0")
+    ax.invert_yaxis()
+    ax.set_xlabel("bytes per token")
+    ax.set_title(f"{summary['kind']}: {summary['bytes_per_token']:.1f} bytes/token in all")
+    save(fig, "bytes_per_token.png")
+
+    entropies, ces = [], []
+    for shard in manifest.shards:
+        table = pq.read_table(folder / shard.name)
+        topk = decode_topk(table, shard.name)
+        p = np.exp(topk.logprobs.astype(np.float64))  # [N, k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+        entropies.append(ent)
+        ces.append(-topk.gold_logprob.astype(np.float64))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].hist(np.concatenate(entropies), bins=50, color="#55a868")
+    axes[0].set_title("entropy of the top-k (nats)")
+    axes[1].hist(np.concatenate(ces), bins=50, color="#c44e52")
+    axes[1].set_title("cross-entropy of the gold token (nats)")
+    save(fig, "entropy_ce.png")
+
+    stats = summary["stats"]
+    if summary["kind"] == "fused" and "candidates" in stats:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(stats["candidates"], stats["winning_share" if any(stats["winning_share"]) else "mean_weights"],
+               color="#8172b2")
+        ax.set_ylabel("share of positions won" if any(stats["winning_share"]) else "mean weight")
+        ax.set_title("fusion: which candidate the target learns from")
+        save(fig, "winning_share.png")
+    if summary["kind"] == "aligned" and "kinds" in stats:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(list(stats["kinds"]), list(stats["kinds"].values()), color="#dd8452")
+        ax.set_ylabel("share of target positions")
+        ax.set_title(f"alignment coverage (mass kept {stats.get('mass_kept', float('nan')):.2f})")
+        save(fig, "alignment_coverage.png")
+    return written
