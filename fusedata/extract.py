@@ -149,6 +149,8 @@ class ExtractStage:
     def windows(self, docs: pa.Table) -> list[Window]:
         """Tokenise every document with byte offsets and cut it into windows."""
         texts = docs.column("text").to_pylist()
+        if not texts:  # transformers' batch tokenizer fails on an empty list
+            return []
         enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
         out: list[Window] = []
         for d, text in enumerate(texts):
