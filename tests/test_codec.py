@@ -1,0 +1,260 @@
+"""Top-k codecs: round trips, the documented error bound, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusedata.codec import CodecError, codec_from_schema, get_codec
+from fusedata.codec.zq import CHILDREN, COLUMN, HDR, PAYLOAD, Quantiser
+from fusedata.topk import TopK
+
+
+def synthetic_topk(
+    n_windows: int = 6, k: int = 10, vocab: int = 50_000, seed: int = 0, max_len: int = 300
+) -> TopK:
+    """Realistic-ish top-k: Zipf ids (distinct within a position), sorted log-softmax values."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len, n_windows).astype(np.int64)
+    n = int(lengths.sum())
+    ranks = rng.zipf(1.2, size=(n, 3 * k)) % vocab  # [n, 3k] draws, keep the first k distinct per row
+    perm = rng.permutation(vocab)  # frequent tokens at arbitrary ids
+    ids = np.empty((n, k), dtype=np.int32)
+    for i in range(n):  # test data only
+        _, first = np.unique(ranks[i], return_index=True)
+        u = ranks[i][np.sort(first)]
+        if len(u) < k:
+            u = np.concatenate([u, np.setdiff1d(rng.choice(vocab, 3 * k, replace=False), u)])
+        ids[i] = perm[u[:k]]
+    logits = rng.normal(0, 3, size=(n, k)) * rng.uniform(0.3, 2.0, size=(n, 1))  # [n, k]
+    logits = -np.sort(-logits, axis=1)
+    tail_logit = logits[:, -1:] + np.log(rng.uniform(1, 5e4, size=(n, 1)))  # mass of the rest of the vocab
+    z = np.logaddexp(np.logaddexp.reduce(logits, axis=1, keepdims=True), tail_logit)
+    lp = (logits - z).astype(np.float32)  # [n, k] full-vocab log-softmax, descending
+    tail = (1 - np.exp(lp.astype(np.float64)).sum(1)).astype(np.float32)
+    gold = np.where(rng.random(n) < 0.7, lp[np.arange(n), rng.integers(0, k, n)], lp[:, -1] - rng.exponential(3, n))
+    return TopK(ids, lp, gold.astype(np.float32), tail, lengths)
+
+
+def roundtrip_parquet(codec, topk: TopK) -> TopK:
+    table = pa.table(codec.encode(topk)).replace_schema_metadata(codec.metadata())
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    read = pq.read_table(io.BytesIO(buf.getvalue()))
+    return codec_from_schema(read.schema).decode(read, topk.k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 10, 64])
+@pytest.mark.parametrize("name", ["raw", "zq"])
+def test_roundtrip_ids_exact_and_error_bounded(name: str, k: int) -> None:
+    t = synthetic_topk(k=k, vocab=262_144, seed=k)
+    codec = get_codec(name)
+    r = roundtrip_parquet(codec, t)
+    assert np.array_equal(r.ids, t.ids) and r.ids.dtype == np.int32
+    assert np.array_equal(r.lengths, t.lengths)
+    if name == "raw":
+        assert np.array_equal(r.logprobs, t.logprobs)
+        return
+    q = codec.q
+    assert np.all(np.abs(r.logprobs - t.logprobs) <= q.bound(t.logprobs) + 1e-6)
+    assert np.all(np.abs(r.gold_logprob - t.gold_logprob) <= q.bound(t.gold_logprob) + 1e-6)
+    ok = t.tail_mass >= 1e-30
+    assert np.all(np.abs(np.log(r.tail_mass[ok]) - np.log(t.tail_mass[ok])) <= codec.tail_step / 2 + 1e-6)
+    assert np.all(np.diff(r.logprobs, axis=1) <= 0)  # still sorted
+
+
+def test_kl_small_at_default_step() -> None:
+    t = synthetic_topk(k=10)
+    r = get_codec("zq").decode(pa.table(get_codec("zq").encode(t)), 10)
+    p = np.exp(t.logprobs.astype(np.float64))
+    p /= p.sum(1, keepdims=True)
+    ph = np.exp(r.logprobs.astype(np.float64))
+    ph /= ph.sum(1, keepdims=True)
+    kl = (p * (np.log(p) - np.log(ph))).sum(1)
+    assert kl.mean() < 1e-3
+
+
+def test_hand_computed_small_case() -> None:
+    # step 0.5: codes of -x are round(x / 0.5); below x = 2 the step is 1
+    codec = get_codec("zq", step=0.5, coarse_from=2.0, coarse_step=1.0, tail_step=0.5)
+    lp = np.array([[-0.1, -0.6, -1.6, -4.4]], dtype=np.float32)
+    assert codec.q.encode(lp).tolist() == [[0, 1, 3, 6]]  # 0.2->0, 1.2->1, 3.2->3, 4 + round(2.4)=6
+    t = TopK(np.array([[7, 3, 70000, 1]], np.int32), lp, np.array([-1.6], np.float32),
+             np.array([np.exp(-3.0)], np.float32), np.array([1]))
+    col = codec.encode(t)[COLUMN]
+    assert col.field("ids_b0")[0].as_py() == bytes([7, 3, 70000 & 255, 1])
+    assert col.field("ids_b2")[0].as_py() == bytes([0, 0, 1, 0])
+    assert col.field("lp0_b0")[0].as_py() == b"\x00"
+    assert col.field("lp_delta")[0].as_py() == bytes([1, 2, 3])
+    assert col.field("gold_rank")[0].as_py() == b"\x03"  # gold equals rank-3 code
+    assert col.field("tail_b0")[0].as_py() == b"\x06"  # -ln t / 0.5 = 6
+    r = codec.decode(pa.table({COLUMN: col}), 4)
+    assert r.logprobs.tolist() == [[0.0, -0.5, -1.5, -4.0]]
+    assert r.gold_logprob.tolist() == [-1.5]
+    assert r.tail_mass[0] == pytest.approx(np.exp(-3.0))
+
+
+def test_escapes_and_gold_far_below() -> None:
+    codec = get_codec("zq", step=1 / 64, coarse_from=1000.0)
+    lp = np.array([[-0.01, -30.0, -31.0], [-0.5, -0.6, -0.7]], dtype=np.float32)  # delta 1919 > 255
+    gold = np.array([-80.0, -0.1], dtype=np.float32)  # both outside the top-k, one above it
+    t = TopK(np.array([[1, 2, 3], [4, 5, 6]], np.int32), lp, gold, np.zeros(2, np.float32), np.array([2]))
+    r = codec.decode(pa.table(codec.encode(t)), 3)
+    assert np.abs(r.logprobs - lp).max() <= 1 / 128 + 1e-6
+    assert np.abs(r.gold_logprob - gold).max() <= 1 / 128 + 1e-6
+    assert r.tail_mass.tolist() == [0.0, 0.0]
+
+
+def reference_decode(codec, columns: pa.Table, k: int) -> TopK:
+    """A plain per-position decoder written from the layout description (no vectorisation)."""
+    col = columns[COLUMN].combine_chunks()
+    q = codec.q
+    out_ids, out_lp, out_gold, out_tail, lengths = [], [], [], [], []
+    for w in range(len(col)):
+        row = {c: col.field(c)[w].as_py() for c in CHILDREN}
+        _, _, _, _, n, _, _, _ = HDR.unpack(row["hdr"])
+        esc = iter(struct.unpack(f"<{len(row['lp_esc']) // 4}I", row["lp_esc"]))
+        gout = iter(struct.unpack(f"<{len(row['gold_out']) // 4}I", row["gold_out"]))
+        for i in range(n):
+            ids = [row["ids_b0"][i * k + j] | row["ids_b1"][i * k + j] << 8 | row["ids_b2"][i * k + j] << 16
+                   for j in range(k)]
+            codes = [row["lp0_b0"][i] | row["lp0_b1"][i] << 8]
+            for j in range(k - 1):
+                d = row["lp_delta"][i * (k - 1) + j]
+                codes.append(codes[-1] + (d + next(esc) if d == 255 else d))
+            rank = row["gold_rank"][i]
+            if rank:
+                g = codes[rank - 1]
+            else:
+                z = next(gout)
+                g = codes[-1] + (z // 2 if z % 2 == 0 else -(z + 1) // 2)
+            tc = row["tail_b0"][i] | row["tail_b1"][i] << 8
+            out_ids.append(ids)
+            out_lp.append([float(q.decode(np.array(c))) for c in codes])
+            out_gold.append(float(q.decode(np.array(g))))
+            out_tail.append(0.0 if tc == 0xFFFF else float(np.exp(-tc * codec.tail_step)))
+        lengths.append(n)
+    return TopK(np.array(out_ids, np.int32).reshape(-1, k), np.array(out_lp, np.float32).reshape(-1, k),
+                np.array(out_gold, np.float32), np.array(out_tail, np.float32), np.array(lengths, np.int64))
+
+
+def test_vectorised_decode_equals_reference() -> None:
+    codec = get_codec("zq", step=1 / 32)
+    t = synthetic_topk(n_windows=4, k=5, max_len=60, seed=3)
+    t.logprobs[0, 1:] -= 40  # force an escape
+    t.tail_mass[1] = 0.0
+    table = pa.table(codec.encode(t))
+    fast, ref = codec.decode(table, 5), reference_decode(codec, table, 5)
+    for a in ("ids", "logprobs", "gold_logprob", "tail_mass", "lengths"):
+        np.testing.assert_array_equal(getattr(fast, a), getattr(ref, a), err_msg=a)
+
+
+def test_quantiser_bound_holds_on_a_dense_grid() -> None:
+    q = Quantiser(1 / 16, 8.0, 0.25)
+    lp = -np.linspace(0, 40, 200_001)
+    err = np.abs(q.decode(q.encode(lp)) - lp)
+    assert np.all(err <= q.bound(lp) + 1e-5)
+
+
+def _encoded(seed: int = 1) -> tuple[object, pa.StructArray]:
+    codec = get_codec("zq")
+    return codec, codec.encode(synthetic_topk(n_windows=3, seed=seed))[COLUMN]
+
+
+def _replace_child(col: pa.StructArray, name: str, values: list[bytes]) -> pa.Table:
+    kids = [pa.array(values, pa.binary()) if c == name else col.field(c) for c in CHILDREN]
+    return pa.table({COLUMN: pa.StructArray.from_arrays(kids, names=list(CHILDREN))})
+
+
+@pytest.mark.parametrize("child", PAYLOAD)
+def test_flipped_byte_is_detected(child: str) -> None:
+    codec, col = _encoded()
+    vals = col.field(child).to_pylist()
+    w = next((i for i, v in enumerate(vals) if v), None)
+    if w is None:
+        pytest.skip(f"{child} empty in this sample")
+    b = bytearray(vals[w])
+    b[len(b) // 2] ^= 0x10
+    vals[w] = bytes(b)
+    with pytest.raises(CodecError):
+        codec.decode(_replace_child(col, child, vals), 10)
+
+
+@pytest.mark.parametrize("child", ["hdr", "ids_b0", "lp_delta", "tail_b1"])
+def test_truncated_stream_is_detected(child: str) -> None:
+    codec, col = _encoded()
+    vals = col.field(child).to_pylist()
+    vals[1] = vals[1][:-1]
+    with pytest.raises(CodecError, match="truncated|length|header"):
+        codec.decode(_replace_child(col, child, vals), 10)
+
+
+def test_truncated_parquet_file_fails_loudly() -> None:
+    codec = get_codec("zq")
+    buf = io.BytesIO()
+    pq.write_table(pa.table(codec.encode(synthetic_topk())), buf, compression="zstd")
+    with pytest.raises((CodecError, pa.ArrowInvalid, OSError)):
+        codec.decode(pq.read_table(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2])), 10)
+
+
+def test_unknown_version_in_data_is_refused() -> None:
+    codec, col = _encoded()
+    hdr = [bytearray(h) for h in col.field("hdr").to_pylist()]
+    for h in hdr:
+        h[4] = 9  # version byte
+    with pytest.raises(CodecError, match="version 9"):
+        codec.decode(_replace_child(col, "hdr", [bytes(h) for h in hdr]), 10)
+
+
+def test_unknown_codec_version_in_schema_is_refused() -> None:
+    schema = pa.schema([], metadata={b"fusedata.codec": b'{"name": "zq", "version": 99, "params": {}}'})
+    with pytest.raises(CodecError, match="unknown codec 'zq' version 99"):
+        codec_from_schema(schema, "x.parquet")
+
+
+def test_wrong_k_and_missing_column() -> None:
+    codec, col = _encoded()
+    with pytest.raises(CodecError, match="k=10"):
+        codec.decode(pa.table({COLUMN: col}), 12)
+    with pytest.raises(CodecError, match="missing"):
+        codec.decode(pa.table({"x": [1]}), 10)
+
+
+def test_params_recorded_and_restored() -> None:
+    codec = get_codec("zq", step=1 / 8, vocab_size=49_152)
+    again = codec_from_schema(pa.schema([], metadata=codec.metadata()))
+    assert again.params == codec.params and again.q.step == 1 / 8
+    with pytest.raises(CodecError, match="unknown params"):
+        get_codec("zq", bogus=1)
+
+
+@pytest.mark.parametrize("bad", ["nan", "unsorted", "id"])
+def test_bad_input_to_encode(bad: str) -> None:
+    t = synthetic_topk(n_windows=2, k=4, max_len=10)
+    if bad == "nan":
+        t.logprobs[0, 0] = np.nan
+    elif bad == "unsorted":
+        t.logprobs[0] = t.logprobs[0][::-1].copy()
+    else:
+        t.ids[0, 0] = 1 << 24
+    with pytest.raises(CodecError):
+        get_codec("zq").encode(t)
+
+
+def test_empty_and_checksum_is_crc32() -> None:
+    codec = get_codec("zq")
+    t = synthetic_topk(n_windows=1, k=3, max_len=5)
+    col = codec.encode(t)[COLUMN]
+    crc = 0
+    for c in PAYLOAD:
+        crc = zlib.crc32(col.field(c)[0].as_py(), crc)
+    assert HDR.unpack(col.field("hdr")[0].as_py())[-1] == crc
+    empty = TopK(np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32), np.zeros(0, np.float32),
+                 np.zeros(0, np.float32), np.zeros(0, np.int64))
+    assert codec.decode(pa.table(codec.encode(empty)), 3).n_positions == 0
