@@ -27,6 +27,7 @@ from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
 RUN_NAME = "_run.json"
 SHARD_GLOB = "shard-*.parquet"
+TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
 ZSTD_LEVEL = 6
 
 
@@ -44,8 +45,12 @@ def sha256_file(path: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted write leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None:
@@ -55,8 +60,12 @@ def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"table does not match the schema for {path.name}: {exc}") from exc
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted write leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class DatasetDir:
@@ -95,6 +104,8 @@ class DatasetDir:
                     )
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(TMP_GLOB):  # partial files of a killed run of this same run
+            stale.unlink(missing_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
 
