@@ -77,13 +77,19 @@ def weights_hash(path: str) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: Exception) -> str:
+    """transformers' loading errors run over several lines; the CLI prints one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_tokenizer(ref: ModelRef) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(ref.path)
     except OSError as exc:
-        raise UsageError(f"cannot load the tokenizer of {ref.spec!r}: {exc}") from None
+        raise UsageError(f"cannot load the tokenizer of {ref.spec!r}: {_first_line(exc)}") from None
     if not getattr(tok, "is_fast", False):
         raise UsageError(f"{ref.spec!r}: fusedata needs a fast tokenizer (for byte offsets)")
     return tok
@@ -98,5 +104,5 @@ def load_model(ref: ModelRef, device: str = "cpu", dtype: str = "float32") -> An
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype))
     except OSError as exc:
-        raise UsageError(f"cannot load model {ref.spec!r}: {exc}") from None
+        raise UsageError(f"cannot load model {ref.spec!r}: {_first_line(exc)}") from None
     return model.to(device).eval()

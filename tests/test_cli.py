@@ -1,0 +1,200 @@
+"""`fusedata extract` through click: the success path, and every bad input stopping with exit
+status 2, one `error: ...` line, no traceback, and nothing already written damaged."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import fusedata.executor
+from cli.main import main
+from schemas.manifest import MANIFEST_NAME, Manifest
+
+
+def _extract(model, inputs, output, *extra) -> tuple[int, str, object]:
+    args = ["extract", "--model", str(model), "--output", str(output), "--executor", "local", "--quiet",
+            "--top-k", "4", "--max-length", "32", "--docs-per-shard", "2"]
+    for i in inputs if isinstance(inputs, list | tuple) else [inputs]:
+        args += ["--input", str(i)]
+    result = CliRunner().invoke(main, args + list(extra))
+    return result.exit_code, result.stderr, result
+
+
+def _assert_usage_error(code: int, stderr: str, result, pattern: str) -> str:
+    """Exit 2, exactly one line on stderr, `error: <message matching pattern>`, no traceback."""
+    assert code == 2, (stderr, result.exception)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in stderr and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_llama, corpus_file, tmp_path_factory) -> Path:
+    """A finished output folder that failing commands must leave alone."""
+    out = tmp_path_factory.mktemp("cli") / "topk"
+    code, stderr, result = _extract(tiny_llama, corpus_file, out)
+    assert code == 0, (stderr, result.exception)
+    return out
+
+
+def test_success(tiny_gemma, corpus_file, tmp_path):
+    out = tmp_path / "topk"
+    code, stderr, result = _extract(tiny_gemma, corpus_file, out)
+    assert code == 0, (stderr, result.exception)
+    manifest = Manifest.read(out)
+    assert manifest.kind == "topk" and manifest.run["top_k"] == 4 and manifest.run["max_length"] == 32
+    assert len(manifest.shards) == 3  # 5 documents, 2 per shard
+    assert manifest.stats["docs"] == 5
+    assert f"{manifest.rows} windows" in stderr
+    assert "Traceback" not in stderr
+    first = pq.read_table(out / manifest.shards[0].name)
+    assert first.column("doc_id").to_pylist()[0] == "prose-1"
+    # the same command again is a no-op
+    before = _snapshot(out)
+    code, stderr, _ = _extract(tiny_gemma, corpus_file, out)
+    assert code == 0 and "already complete, nothing to do" in stderr
+    assert _snapshot(out) == before
+
+
+def test_missing_input(tiny_llama, finished, tmp_path):
+    before = _snapshot(finished)
+    missing = tmp_path / "nope.jsonl"
+    _assert_usage_error(*_extract(tiny_llama, missing, finished), rf"error: {missing}: no such file or folder")
+    _assert_usage_error(*_extract(tiny_llama, tmp_path / "*.jsonl", finished), r"the pattern matches no files")
+    assert _snapshot(finished) == before
+
+
+def test_unreadable_input(tiny_llama, tmp_path, monkeypatch):
+    corpus = tmp_path / "locked.jsonl"
+    corpus.write_text('{"text": "hello there"}\n', encoding="utf-8")
+    corpus.chmod(0)
+    if os.geteuid() == 0:  # root reads a mode-000 file: make the read fail as it would for a user
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == corpus:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    try:
+        _assert_usage_error(*_extract(tiny_llama, corpus, tmp_path / "out"), rf"{corpus}: cannot read \(Permission denied\)")
+    finally:
+        corpus.chmod(0o644)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_line(tiny_llama, finished, tmp_path):
+    before = _snapshot(finished)
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "The dog sleeps."}\n{"text": "A river"\n{"text": "Rain fell."}\n', encoding="utf-8")
+    _assert_usage_error(*_extract(tiny_llama, corpus, finished), rf"error: {corpus}:2: .*--skip-bad-lines")
+    assert _snapshot(finished) == before
+    # --skip-bad-lines skips and counts it
+    out = tmp_path / "skipped"
+    code, stderr, result = _extract(tiny_llama, corpus, out, "--skip-bad-lines")
+    assert code == 0, (stderr, result.exception)
+    manifest = Manifest.read(out)
+    assert manifest.stats["bad_lines_skipped"] == 1 and manifest.stats["docs"] == 2
+
+
+def test_empty_documents(tiny_llama, tmp_path):
+    corpus = tmp_path / "e.jsonl"
+    corpus.write_text('{"text": ""}\n{"text": "The dog sleeps."}\n{"text": "  "}\n', encoding="utf-8")
+    code, stderr, result = _extract(tiny_llama, corpus, tmp_path / "out")
+    assert code == 0, (stderr, result.exception)
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.stats["empty_docs_skipped"] == 2 and manifest.stats["docs"] == 1
+    only_empty = tmp_path / "only.jsonl"
+    only_empty.write_text('{"text": ""}\n', encoding="utf-8")
+    _assert_usage_error(*_extract(tiny_llama, only_empty, tmp_path / "out2"), r"the corpus holds no non-empty documents")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_non_utf8(tiny_llama, finished, tmp_path):
+    before = _snapshot(finished)
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n' + '{"text": "café"}\n'.encode("latin-1"))
+    _assert_usage_error(*_extract(tiny_llama, jsonl, finished), rf"error: {jsonl}:2: not valid UTF-8")
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes("café".encode("latin-1"))
+    _assert_usage_error(*_extract(tiny_llama, txt, finished), rf"error: {txt}: not valid UTF-8 at byte 3")
+    assert _snapshot(finished) == before
+
+
+def test_unknown_model(corpus_file, finished, tmp_path):
+    before = _snapshot(finished)
+    _assert_usage_error(*_extract("no-such-model", corpus_file, finished), r"unknown model spec 'no-such-model'.*smollm2-135m")
+    not_a_model = tmp_path / "empty-folder"
+    not_a_model.mkdir()
+    _assert_usage_error(*_extract(not_a_model, corpus_file, finished), r"folder has no config.json")
+    _assert_usage_error(*_extract(tmp_path / "missing.gguf", corpus_file, finished), r"model file not found")
+    assert _snapshot(finished) == before
+
+
+def test_top_k_larger_than_vocab(tiny_llama, corpus_file, finished):
+    before = _snapshot(finished)
+    code, stderr, result = _extract(tiny_llama, corpus_file, finished, "--top-k", "100000")
+    _assert_usage_error(code, stderr, result, r"--top-k 100000 must be between 1 and the vocabulary size 400")
+    assert _snapshot(finished) == before
+
+
+def test_another_runs_folder(tiny_llama, corpus_file, finished, tmp_path):
+    before = _snapshot(finished)
+    line = _assert_usage_error(*_extract(tiny_llama, corpus_file, finished, "--top-k", "3"), r"holds another run's output")
+    assert "top_k: 4 -> 3" in line and "--overwrite" in line
+    assert _snapshot(finished) == before
+    # --overwrite replaces it (on a copy, to keep the shared folder)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in finished.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    code, stderr, result = _extract(tiny_llama, corpus_file, copy, "--top-k", "3", "--overwrite")
+    assert code == 0, (stderr, result.exception)
+    assert json.loads((copy / MANIFEST_NAME).read_text())["run"]["top_k"] == 3
+
+
+def test_interrupt_keeps_finished_shards(tiny_llama, corpus_file, tmp_path, monkeypatch):
+    real = fusedata.executor.process_shard
+    calls = {"n": 0}
+
+    def process_shard(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+    out = tmp_path / "out"
+    code, stderr, _ = _extract(tiny_llama, corpus_file, out)
+    assert code == 130
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: finished shards are kept")
+    assert sorted(p.name for p in out.iterdir()) == ["_run.json", "shard-00000.parquet"]
+    monkeypatch.undo()
+    code, stderr, _ = _extract(tiny_llama, corpus_file, out)
+    assert code == 0 and "resuming, 1 of 3 shards already written" in stderr
+    assert len(Manifest.read(out).shards) == 3
+
+
+def test_unreachable_hub_id(corpus_file, tmp_path, monkeypatch):
+    """A hub id with no hub (the tests run offline) fails with one clear line, quickly."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, stderr, result = _extract("someorg/no-such-model", corpus_file, tmp_path / "out")
+    _assert_usage_error(code, stderr, result, r"cannot load the tokenizer of 'someorg/no-such-model'")
+    assert not (tmp_path / "out").exists()
