@@ -88,8 +88,8 @@ def test_hand_computed_small_case() -> None:
     t = TopK(np.array([[7, 3, 70000, 1]], np.int32), lp, np.array([-1.6], np.float32),
              np.array([np.exp(-3.0)], np.float32), np.array([1]))
     col = codec.encode(t)[COLUMN]
-    assert col.field("ids_b0")[0].as_py() == bytes([7, 3, 70000 & 255, 1])
-    assert col.field("ids_b2")[0].as_py() == bytes([0, 0, 1, 0])
+    assert col.field("ids_lo")[0].as_py() == struct.pack("<4H", 7, 3, 70000 & 0xFFFF, 1)
+    assert col.field("ids_hi")[0].as_py() == bytes([0, 0, 1, 0])
     assert col.field("lp0_b0")[0].as_py() == b"\x00"
     assert col.field("lp_delta")[0].as_py() == bytes([1, 2, 3])
     assert col.field("gold_rank")[0].as_py() == b"\x03"  # gold equals rank-3 code
@@ -122,8 +122,8 @@ def reference_decode(codec, columns: pa.Table, k: int) -> TopK:
         esc = iter(struct.unpack(f"<{len(row['lp_esc']) // 4}I", row["lp_esc"]))
         gout = iter(struct.unpack(f"<{len(row['gold_out']) // 4}I", row["gold_out"]))
         for i in range(n):
-            ids = [row["ids_b0"][i * k + j] | row["ids_b1"][i * k + j] << 8 | row["ids_b2"][i * k + j] << 16
-                   for j in range(k)]
+            lo = struct.unpack_from(f"<{k}H", row["ids_lo"], 2 * i * k)
+            ids = [lo[j] | row["ids_hi"][i * k + j] << 16 for j in range(k)]
             codes = [row["lp0_b0"][i] | row["lp0_b1"][i] << 8]
             for j in range(k - 1):
                 d = row["lp_delta"][i * (k - 1) + j]
@@ -164,7 +164,10 @@ def test_quantiser_bound_holds_on_a_dense_grid() -> None:
 
 def _encoded(seed: int = 1) -> tuple[object, pa.StructArray]:
     codec = get_codec("zq")
-    return codec, codec.encode(synthetic_topk(n_windows=3, seed=seed))[COLUMN]
+    t = synthetic_topk(n_windows=3, seed=seed)
+    t.logprobs[0, 1:] -= 100  # an escaped delta, so every stream holds bytes
+    t.gold_logprob[0] = t.logprobs[0, -1] - 5  # and a gold value outside the top-k
+    return codec, codec.encode(t)[COLUMN]
 
 
 def _replace_child(col: pa.StructArray, name: str, values: list[bytes]) -> pa.Table:
@@ -186,7 +189,7 @@ def test_flipped_byte_is_detected(child: str) -> None:
         codec.decode(_replace_child(col, child, vals), 10)
 
 
-@pytest.mark.parametrize("child", ["hdr", "ids_b0", "lp_delta", "tail_b1"])
+@pytest.mark.parametrize("child", ["hdr", "ids_lo", "ids_hi", "lp_delta", "tail_b1"])
 def test_truncated_stream_is_detected(child: str) -> None:
     codec, col = _encoded()
     vals = col.field(child).to_pylist()
