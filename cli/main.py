@@ -121,5 +121,64 @@ def inspect_cmd(path, as_json, plot_dir):
             click.echo(f"wrote {f}", err=True)
 
 
+
+@main.command()
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
+@click.option("--aligned", "aligned", multiple=True, type=click.Path(file_okay=False),
+              help="Aligned source datasets (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Fused dataset folder.")
+@click.option("--method", type=click.Choice(["mince", "avgce"]), default="mince", show_default=True)
+@click.option("--unit", type=click.Choice(["window", "token"]), default="window", show_default=True,
+              help="Choose/weight per whole window (the paper) or per token.")
+@click.option("--metric", type=click.Choice(["byte", "token"]), default="byte", show_default=True,
+              help="Window comparison: CE per byte on each model's own tokens, or per target token.")
+@click.option("--temperature", default=1.0, show_default=True, help="AvgCE: weights = softmax(-CE / T).")
+@click.option("--top-k", "k_out", default=0, help="Entries kept per position (0: the target's k).")
+@click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@with_executor
+def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, overwrite, quiet,
+         executor, address, workers):
+    """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
+    from fusedata.codec import DEFAULT_CODEC
+    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+
+    config = FuseConfig(method, unit, metric, temperature, k_out, codec or DEFAULT_CODEC)
+    job = FuseJob(target, list(aligned), output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    run_fuse(job, _executor(executor, address, workers))
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="A fused dataset.")
+@click.option("--model", required=True, help="The target model (spec as for extract).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed if present).")
+@click.option("--lam", default=0.9, show_default=True, help="Weight of the CLM loss; 1.0 = plain CLM baseline.")
+@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--warmup-steps", default=10, show_default=True)
+@click.option("--max-steps", default=0, help="Optimizer steps (0: --epochs passes over the data).")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-tokens", default=2048, show_default=True, help="Padded tokens per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--clip", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
+@click.option("--save-every", default=0, help="Checkpoint every N steps (0: at the end).")
+@click.option("--threads", default=0)
+def train(data, model, output, lam, lr, warmup_steps, max_steps, epochs, batch_tokens, grad_accum, clip, seed,
+          device, dtype, save_every, threads):
+    """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k."""
+    from fusedata.train import TrainConfig
+    from fusedata.train import train as run_train
+
+    cfg = TrainConfig(data=data, model=model, output=output, lam=lam, lr=lr, warmup_steps=warmup_steps,
+                      max_steps=max_steps, epochs=epochs, batch_tokens=batch_tokens, grad_accum=grad_accum,
+                      clip=clip, seed=seed, device=device, dtype=dtype, save_every=save_every, threads=threads)
+    result = run_train(cfg, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{output}: {result['steps']} steps, {result['tokens']:,} tokens, final loss {result['final_loss']:.4f}",
+               err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,317 @@
+"""The bundled trainer: distil a fused dataset into one target model.
+
+loss = λ·CLM + (1−λ)·distill, where distill is the cross-entropy toward the fused *sparse*
+target: the stored top-k ids carry probabilities q_i and the tail carries t = 1 − Σq_i, so
+
+    distill = −Σ_i q_i · log p(id_i) − t · log(1 − Σ_i p(id_i))
+
+computed by gathering the model's log-probs at the stored ids ([N, k]); no dense [B, T, V]
+target is ever built. λ = 1 is plain causal-LM training with the very same command.
+
+The loop reads top to bottom: stream batches → forward → loss → backward (accumulate) → clip →
+AdamW step with warm-up + cosine decay → log → checkpoint. Data order is a pure function of
+the seed, so a resumed run skips the batches already seen and continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from fusedata.codec import decode_topk
+from fusedata.dataset import atomic_write_text, open_dataset
+from fusedata.errors import UsageError
+from fusedata.fuse import PAD_ID
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    model: str
+    output: str
+    lam: float = 0.9  # weight of the CLM term; 1.0 = plain CLM
+    lr: float = 5e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    max_steps: int = 0  # 0: one pass over the data (epochs × batches / accumulation)
+    epochs: int = 1
+    batch_tokens: int = 2048  # padded tokens per micro-batch
+    grad_accum: int = 1
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    save_every: int = 0  # steps; 0: only at the end
+    log_every: int = 1
+    threads: int = 0
+
+
+@dataclass
+class Batch:
+    input_ids: Any  # long [B, T]
+    attention: Any  # long [B, T]
+    labels: Any  # long [B, T-1], -100 where padded
+    topk_ids: Any | None  # long [B, T-1, k] (fused target ids; PAD → 0 with q = 0)
+    topk_q: Any | None  # float [B, T-1, k]
+    tail: Any | None  # float [B, T-1]
+    tokens: int
+
+
+def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, Any]]:
+    """The windows of one fused shard: input_ids, labels, and the sparse target."""
+    table = pq.read_table(Path(data_dir) / shard)
+    topk = decode_topk(table, shard) if need_topk else None
+    off = topk.offsets() if topk is not None else None
+    rows = []
+    for i, (ids, labels) in enumerate(zip(table.column("input_ids").to_pylist(),
+                                          table.column("labels").to_pylist(), strict=True)):
+        row: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if topk is not None:
+            s = slice(int(off[i]), int(off[i + 1]))
+            row["topk_ids"], row["topk_lp"], row["tail"] = topk.ids[s], topk.logprobs[s], topk.tail_mass[s]
+        rows.append(row)
+    return rows
+
+
+def pack(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle window indices, then pack them greedily into micro-batches by padded tokens."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        if current and (len(current) + 1) * max(longest, lengths[i]) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        batches.append(current)
+    return batches
+
+
+def epoch_plan(data_dir: str, shards: list[str], batch_tokens: int, seed: int, epoch: int) -> list[tuple[str, list[list[int]]]]:
+    """Per epoch: a seeded shard order and, per shard, its micro-batches (window indices).
+    Reads only the input_ids lengths, so planning is cheap and memory stays flat."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(shards)
+    rng.shuffle(order)
+    plan = []
+    for shard in order:
+        col = pq.read_table(Path(data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
+        plan.append((shard, pack(col.value_lengths().to_numpy(zero_copy_only=False).tolist(), batch_tokens, rng)))
+    return plan
+
+
+def micro_batches(data_dir: str, shards: list[str], cfg: TrainConfig, skip: int) -> Iterator[list[dict[str, Any]]]:
+    """Micro-batches in training order, forever (epochs repeat with new seeds), skipping the
+    first `skip` (a resumed run). One shard is held in memory at a time."""
+    seen = 0
+    epoch = 0
+    while True:
+        for shard, batches in epoch_plan(data_dir, shards, cfg.batch_tokens, cfg.seed, epoch):
+            if seen + len(batches) <= skip:
+                seen += len(batches)
+                continue
+            windows = shard_windows(data_dir, shard, need_topk=cfg.lam < 1.0)
+            for b in batches:
+                if seen >= skip:
+                    yield [windows[i] for i in b]
+                seen += 1
+        epoch += 1
+
+
+def collate(rows: list[dict[str, Any]], with_topk: bool) -> Batch:
+    import torch
+
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T - 1), -100, dtype=torch.long)
+    k = rows[0]["topk_ids"].shape[1] if with_topk else 0
+    tk_ids = torch.zeros((B, T - 1, k), dtype=torch.long) if with_topk else None
+    tk_q = torch.zeros((B, T - 1, k), dtype=torch.float32) if with_topk else None
+    tail = torch.zeros((B, T - 1), dtype=torch.float32) if with_topk else None
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        att[b, :n] = 1
+        labels[b, : n - 1] = torch.tensor(r["labels"])
+        if with_topk:
+            tid = torch.from_numpy(r["topk_ids"].astype(np.int64))  # [n-1, k]
+            q = torch.from_numpy(np.exp(r["topk_lp"].astype(np.float32)))
+            pad = tid == PAD_ID
+            tk_ids[b, : n - 1] = tid.masked_fill(pad, 0)
+            tk_q[b, : n - 1] = q.masked_fill(pad, 0.0)
+            tail[b, : n - 1] = torch.from_numpy(r["tail"].astype(np.float32))
+    return Batch(ids, att, labels, tk_ids, tk_q, tail, int(att.sum()))
+
+
+def sparse_distill_loss(logits: Any, topk_ids: Any, topk_q: Any, tail: Any, mask: Any) -> Any:
+    """Cross-entropy toward a sparse target with tail mass, summed over masked positions.
+
+    logits [N, V] float; topk_ids long [N, k]; topk_q, float [N, k]; tail float [N]; mask bool [N].
+    """
+    import torch
+
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [N, 1]
+    logp = logits.float().gather(1, topk_ids) - lse  # [N, k]
+    covered = torch.exp(logp).masked_fill(topk_q == 0, 0.0).sum(-1)  # [N] model mass on the listed ids
+    rest = torch.log1p(-covered.clamp(max=1 - 1e-6))  # [N] log of the model's mass elsewhere
+    per_pos = -(topk_q * logp).sum(-1) - tail * rest  # [N]
+    return (per_pos * mask).sum()
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio · lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def compute_loss(model: Any, batch: Batch, lam: float) -> tuple[Any, dict[str, float]]:
+    """λ·CLM + (1−λ)·distill, both averaged over the batch's real positions."""
+    import torch
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]  # [B, T-1, V]
+    mask = batch.labels != -100  # [B, T-1]
+    n = mask.sum().clamp(min=1)
+    flat = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1)]  # [N, V]
+    clm = torch.nn.functional.cross_entropy(flat.float(), batch.labels[mask], reduction="sum") / n
+    parts = {"clm": float(clm.detach())}
+    loss = clm
+    if lam < 1.0:
+        m = mask.reshape(-1)
+        distill = sparse_distill_loss(
+            flat, batch.topk_ids.reshape(-1, batch.topk_ids.shape[-1])[m],
+            batch.topk_q.reshape(-1, batch.topk_q.shape[-1])[m], batch.tail.reshape(-1)[m],
+            torch.ones(int(m.sum()), dtype=torch.float32),
+        ) / n
+        loss = lam * clm + (1 - lam) * distill
+        parts["distill"] = float(distill.detach())
+    return loss, parts
+
+
+def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
+    """Train, checkpointing to cfg.output; resumes from the checkpoint found there."""
+    import torch
+
+    from fusedata.models.spec import load_model, load_tokenizer, resolve, tokenizer_hash
+
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise UsageError("--lam must be between 0 and 1")
+    manifest = open_dataset(cfg.data, "fused")
+    out = Path(cfg.output)
+    state_file = out / STATE_NAME
+    state: dict[str, Any] = {"step": 0, "tokens": 0}
+    resume = state_file.is_file()
+    if not resume and out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not a fusedata checkpoint; choose another --output")
+    if resume:
+        state = json.loads(state_file.read_text())
+        if state["config"] != _config_identity(cfg):
+            raise UsageError(f"{out} holds a checkpoint of a different training run; choose another --output")
+        ref = resolve(str(out))
+    else:
+        ref = resolve(cfg.model)
+    tokenizer = load_tokenizer(ref)
+    if tokenizer_hash(tokenizer) != manifest.run.get("tokenizer_hash"):
+        raise UsageError(f"{cfg.data} was made for another tokenizer than {cfg.model}'s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    on_gpu = cfg.device.startswith("cuda")
+    dtype = {"auto": "bfloat16" if on_gpu else "float32"}.get(cfg.dtype, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = load_model(ref, cfg.device, dtype)
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume:
+        optim.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(torch.load(out / "rng.pt", weights_only=True))
+
+    shards = [sh.name for sh in manifest.shards]
+    per_epoch = sum(len(b) for _, b in epoch_plan(cfg.data, shards, cfg.batch_tokens, cfg.seed, 0))
+    total_steps = cfg.max_steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
+    step, tokens = int(state["step"]), int(state["tokens"])
+    history: list[dict[str, float]] = state.get("history", [])
+    t0 = time.perf_counter()
+    tokens_at_start = tokens
+    stream = micro_batches(cfg.data, shards, cfg, skip=step * cfg.grad_accum)
+    while step < total_steps:
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, cfg, total_steps)
+        optim.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = _to_device(collate(next(stream), cfg.lam < 1.0), cfg.device)
+            loss, parts = compute_loss(model, batch, cfg.lam)
+            (loss / cfg.grad_accum).backward()
+            tokens += batch.tokens
+            for key, v in {"loss": float(loss.detach()), **parts}.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + v / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+        optim.step()
+        step += 1
+        rate = (tokens - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
+        history.append({"step": step, **{k: round(v, 5) for k, v in parts_sum.items()}, "grad_norm": round(grad_norm, 4)})
+        if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
+            shown = " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
+            log(f"step {step}/{total_steps}  {shown}  lr {lr_at(step - 1, cfg, total_steps):.2e}  {rate:,.0f} tok/s")
+        if step == total_steps or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(model, tokenizer, optim, out, {
+                "step": step, "tokens": tokens, "config": _config_identity(cfg), "history": history,
+                "data_tokenizer_hash": manifest.run.get("tokenizer_hash"),
+            })
+    return {"steps": step, "tokens": tokens, "final_loss": history[-1]["loss"] if history else None,
+            "history": history}
+
+
+def _to_device(batch: Batch, device: str) -> Batch:
+    if device == "cpu":
+        return batch
+    moved = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.__dict__.items()}
+    return Batch(**moved)
+
+
+def _config_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (not the output path)."""
+    d = asdict(cfg)
+    for key in ("output", "save_every", "log_every", "threads", "device"):
+        d.pop(key)
+    return d
+
+
+def save_checkpoint(model: Any, tokenizer: Any, optim: Any, out: Path, state: dict[str, Any]) -> None:
+    """Write the whole checkpoint to a temporary folder, then swap it in; state file last."""
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    torch.save(optim.state_dict(), tmp / "optimizer.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=1))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
