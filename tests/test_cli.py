@@ -198,3 +198,12 @@ def test_unreachable_hub_id(corpus_file, tmp_path, monkeypatch):
     code, stderr, result = _extract("someorg/no-such-model", corpus_file, tmp_path / "out")
     _assert_usage_error(code, stderr, result, r"cannot load the tokenizer of 'someorg/no-such-model'")
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_display_does_not_break_the_run(tiny_llama, corpus_file, tmp_path):
+    args = ["extract", "--model", str(tiny_llama), "--input", str(corpus_file), "--output", str(tmp_path / "out"),
+            "--executor", "local", "--top-k", "2", "--docs-per-shard", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "5/5 docs" in result.stderr  # the bar counted every document
+    assert len(Manifest.read(tmp_path / "out").shards) == 2
