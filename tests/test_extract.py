@@ -188,6 +188,15 @@ def test_tiny_tokenizers_are_what_the_tests_need(tiny_llama, tiny_gemma):
     assert llama.vocab_size != gemma.vocab_size
 
 
+def test_tiny_models_are_deterministic(tiny_llama, tiny_gemma, tmp_path):
+    import tiny_models
+
+    for build, folder in [(tiny_models.build_tiny_llama, tiny_llama), (tiny_models.build_tiny_gemma, tiny_gemma)]:
+        again = build(tmp_path / folder.name)
+        for name in ["model.safetensors", "tokenizer.json", "config.json"]:
+            assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("max_length", [16, 1024])
 def test_stage_matches_plain_forward(tiny_model, references, corpus_docs, max_length):
     k = 7
