@@ -101,12 +101,12 @@ class DatasetDir:
                 previous = json.loads(run_file.read_text(encoding="utf-8"))
             elif (self.path / MANIFEST_NAME).is_file():
                 previous = Manifest.read(self.path).run
+            if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
+                raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
             if previous != run:
                 if not overwrite:
-                    what = "another run's output" if previous is not None else "files fusedata did not write"
-                    diff = _describe_diff(previous, run) if previous is not None else ""
                     raise UsageError(
-                        f"output folder {self.path} holds {what}{diff}; "
+                        f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
                         "choose another folder or pass --overwrite"
                     )
                 shutil.rmtree(self.path)

@@ -63,6 +63,7 @@ def run_extract(job: ExtractJob, executor: Executor | None = None) -> Manifest:
     stats.update(
         files=cstats.files,
         empty_docs_skipped=cstats.empty_skipped,
+        docs_too_short=docs.num_rows - stats["docs"],  # fewer than two tokens: nothing to predict
         bad_lines_skipped=cstats.bad_skipped,
         tokens_per_second_this_run=round(progress.rate(), 1),
     )

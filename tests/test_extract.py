@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusedata.codec import codec_from_schema
+from fusedata.codec import DEFAULT_CODEC, codec_from_schema
 from fusedata.errors import UsageError
 from fusedata.extract import ExtractConfig, ExtractStage, batch_by_budget, char_to_byte, window_bounds
 from fusedata.topk import TopK
@@ -170,6 +170,7 @@ def references(tiny_llama, tiny_gemma) -> dict[Path, Reference]:
 
 
 def _run_stage(folder: Path, docs: pa.Table, **kw) -> tuple[ExtractStage, pa.Table]:
+    kw.setdefault("codec", "raw")  # lossless, so stored values can be compared to 1e-4
     stage = ExtractStage(ExtractConfig(model=str(folder), **kw))
     return stage, stage(docs)
 
@@ -380,7 +381,7 @@ def test_identity_names_what_changes_output(tiny_llama, tiny_gemma):
     assert {k for k in a if a[k] != b[k]} == {"top_k"}
     assert a["model_hash"] != c["model_hash"] and a["tokenizer_hash"] != c["tokenizer_hash"]
     assert a["vocab_size"] == len(AutoTokenizer.from_pretrained(tiny_llama))
-    assert a["codec"]["name"] == "raw"
+    assert a["codec"]["name"] == DEFAULT_CODEC
 
 
 def test_empty_docs_table_gives_empty_output(tiny_llama):

@@ -61,7 +61,8 @@ def test_real_model_matches_plain_forward(name, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"id": "ppl", "text": text}) + "\n", encoding="utf-8")
     out = tmp_path / "topk"
-    config = ExtractConfig(model=name, top_k=K, max_length=MAX_LENGTH, batch_tokens=512)
+    # lossless codec: the stored values are compared to 1e-4 (the default codec's bound is tested below)
+    config = ExtractConfig(model=name, top_k=K, max_length=MAX_LENGTH, batch_tokens=512, codec="raw")
     manifest = run_extract(ExtractJob([str(corpus)], str(out), config, quiet=True, log=lambda m: None))
 
     # the conversion was checked against the recorded perplexity

@@ -16,7 +16,7 @@ import pytest
 
 import fusedata.dataset
 import fusedata.executor
-from fusedata.codec import codec_from_schema, get_codec
+from fusedata.codec import DEFAULT_CODEC, codec_from_schema, get_codec
 from fusedata.dataset import RUN_NAME, open_dataset
 from fusedata.errors import UsageError
 from fusedata.extract import ExtractConfig, ExtractStage
@@ -99,7 +99,7 @@ def test_dataset_folder_and_manifest(which, tiny_llama, tiny_gemma, corpus_file,
     assert Manifest.read(out) == manifest
     assert open_dataset(out, "topk") == manifest
 
-    codec = get_codec("raw")
+    codec = get_codec(DEFAULT_CODEC)
     schema = topk_schema(codec.fields(), codec.metadata(), K)
     total_rows = total_tokens = 0
     docs: list[str] = []
@@ -120,8 +120,8 @@ def test_dataset_folder_and_manifest(which, tiny_llama, tiny_gemma, corpus_file,
         # polars reads the same values
         df = pl.read_parquet(path)
         assert df.height == table.num_rows and df.columns == schema.names
-        assert df["topk_ids"].to_list() == table.column("topk_ids").to_pylist()
-        assert df["topk_logprobs"].to_list() == table.column("topk_logprobs").to_pylist()
+        for f in codec.fields():
+            assert df[f.name].to_list() == table.column(f.name).to_pylist()
         assert df["doc_id"].to_list() == table.column("doc_id").to_pylist()
 
     assert manifest.rows == total_rows and manifest.tokens == total_tokens
@@ -268,9 +268,9 @@ def test_another_runs_folder_is_refused_then_overwritten(tiny_llama, corpus_file
     assert manifest.run["top_k"] == 6
     assert json.loads((out / RUN_NAME).read_text())["top_k"] == 6
     table = _read(out)
-    assert {len(x) for x in table.column("topk_ids").to_pylist()} == {
-        6 * (len(ids) - 1) for ids in table.column("input_ids").to_pylist()
-    }
+    decoded = codec_from_schema(table.schema).decode(table, 6)
+    assert decoded.k == 6
+    assert decoded.lengths.tolist() == [len(ids) - 1 for ids in table.column("input_ids").to_pylist()]
     # the top-6 lists extend the top-5 ones of the reference run
     ref = codec_from_schema(table.schema).decode(_read(reference_run), K)
     new = codec_from_schema(table.schema).decode(table, 6)
@@ -293,8 +293,10 @@ def test_folder_with_foreign_files_or_a_file_is_refused(tiny_llama, corpus_file,
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(UsageError, match=r"holds files fusedata did not write; choose another folder or pass --overwrite"):
+    with pytest.raises(UsageError, match=r"holds files fusedata did not write; choose another folder$"):
         run_extract(_job(tiny_llama, corpus_file, foreign))
+    with pytest.raises(UsageError, match=r"holds files fusedata did not write"):  # --overwrite never deletes them
+        run_extract(_job(tiny_llama, corpus_file, foreign, overwrite=True))
     assert (foreign / "notes.txt").read_text() == "mine"
     a_file = tmp_path / "file"
     a_file.write_text("x")

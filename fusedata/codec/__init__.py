@@ -3,7 +3,7 @@
 from fusedata.codec import raw, zq  # noqa: F401  (registers)
 from fusedata.codec.base import Codec, CodecError, codec_from_schema, codec_from_spec, get_codec
 
-DEFAULT_CODEC = "raw"
+DEFAULT_CODEC = "zq"
 
 
 def decode_topk(table, source: str = ""):
