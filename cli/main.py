@@ -180,5 +180,29 @@ def train(data, model, output, lam, lr, warmup_steps, max_steps, epochs, batch_t
                err=True)
 
 
+
+@main.command()
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
+@click.option("--source", required=True, type=click.Path(file_okay=False), help="A source model's topk dataset.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Aligned dataset folder.")
+@click.option("--vocab", type=click.Choice(["mined", "exact"]), default="mined", show_default=True,
+              help="Vocabulary map: minimum edit distance (MinED) or exact match (EM).")
+@click.option("--sequence", type=click.Choice(["bytes", "dtw"]), default="bytes", show_default=True,
+              help="Position alignment: by byte offsets (linear time) or DTW over token strings.")
+@click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
+@click.option("--cache-dir", default="", help="Where vocabulary maps are cached (default: beside the model cache).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@with_executor
+def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, quiet, executor, address, workers):
+    """Express a source model's distributions on the target's positions and vocabulary."""
+    from fusedata.codec import DEFAULT_CODEC
+    from fusedata.run_align import AlignConfig, AlignJob, run_align
+
+    config = AlignConfig(vocab, sequence, codec or DEFAULT_CODEC, cache_dir)
+    job = AlignJob(target, source, output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    run_align(job, _executor(executor, address, workers))
+
+
 if __name__ == "__main__":
     main()

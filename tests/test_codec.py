@@ -261,3 +261,17 @@ def test_empty_and_checksum_is_crc32() -> None:
     empty = TopK(np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32), np.zeros(0, np.float32),
                  np.zeros(0, np.float32), np.zeros(0, np.int64))
     assert codec.decode(pa.table(codec.encode(empty)), 3).n_positions == 0
+
+
+def test_zq_padding_entries_round_trip():
+    """Merged (aligned/fused) distributions may list fewer than k ids: id -1, log-prob -inf."""
+    from fusedata.codec import get_codec
+
+    ids = np.array([[5, 3, -1, -1], [7, 1, 2, 9]], dtype=np.int32)
+    lps = np.array([[-0.5, -1.0, -np.inf, -np.inf], [-0.1, -2.0, -3.0, -4.0]], dtype=np.float32)
+    topk = TopK(ids, lps, np.array([-0.5, -2.0], np.float32), np.array([0.0, 0.1], np.float32), np.array([2], np.int64))
+    codec = get_codec("zq")
+    back = codec.decode(pa.table(codec.encode(topk)), 4)
+    np.testing.assert_array_equal(back.ids, ids)
+    assert np.isneginf(back.logprobs[0, 2:]).all()
+    np.testing.assert_allclose(back.logprobs[np.isfinite(lps)], lps[np.isfinite(lps)], atol=1 / 32)

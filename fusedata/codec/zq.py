@@ -54,6 +54,8 @@ ESC = 255
 TAIL_ZERO = 1e-30
 TAIL_ZERO_CODE = 0xFFFF
 MAX_ID = 1 << 24
+PAD_ID = -1  # padding entry in memory (fusedata.fuse.PAD_ID)
+PAD_CODE = MAX_ID - 1  # how a padding id is stored; real ids are below it
 
 
 class Quantiser:
@@ -163,11 +165,23 @@ class ZqCodec(Codec):
         if not 1 <= k <= 254:
             raise CodecError(f"zq: k={k} outside 1..254")
         ids = topk.ids.astype(np.int64)  # [n, k]
-        limit = self.vocab_size or MAX_ID
-        if n and (ids.min() < 0 or ids.max() >= limit):
+        pad = ids == PAD_ID  # padding entries (a merged distribution with fewer than k ids)
+        if np.any(pad[:, :-1] & ~pad[:, 1:]):
+            raise CodecError("zq: padding entries must come last in a position")
+        ids = np.where(pad, PAD_CODE, ids)
+        limit = self.vocab_size or PAD_CODE
+        if n and (ids.min() < 0 or ids[~pad].max(initial=0) >= limit):
             raise CodecError(f"zq: token ids outside [0, {limit})")
-        codes = self.q.encode(topk.logprobs)  # [n, k] non-decreasing along k
-        if k > 1 and np.any(np.diff(topk.logprobs.astype(np.float64), axis=1) > 0):
+        lps = topk.logprobs.astype(np.float64)
+        if pad.any():  # a pad repeats the previous log-prob (delta 0); decoded back to -inf
+            if np.any(pad[:, 0]):
+                raise CodecError("zq: a position needs at least one real entry")
+            lps = np.where(pad, np.nan, lps)
+            idx = np.where(pad, 0, np.arange(k)[None, :])
+            np.maximum.accumulate(idx, axis=1, out=idx)
+            lps = np.take_along_axis(lps, idx, axis=1)
+        codes = self.q.encode(lps)  # [n, k] non-decreasing along k
+        if k > 1 and np.any(np.diff(lps, axis=1) > 0):
             raise CodecError("zq: log-probs must be sorted descending within a position")
         if n and codes[:, 0].max() > 0xFFFF:
             raise CodecError("zq: top-1 log-prob below the grid's range")
@@ -284,6 +298,9 @@ class ZqCodec(Codec):
         gold[out] = codes[out, -1] + _unzigzag(gold_out)
         t_code = _unplane([flat["tail_b0"][0], flat["tail_b1"][0]])
         tail = np.where(t_code == TAIL_ZERO_CODE, 0.0, np.exp(-t_code * self.tail_step))
+        pad = ids == PAD_CODE
+        lp = self.q.decode(codes)
+        lp[pad] = -np.inf
         return TopK(
-            ids.astype(np.int32), self.q.decode(codes), self.q.decode(gold), tail.astype(np.float32), lengths,
+            np.where(pad, PAD_ID, ids).astype(np.int32), lp, self.q.decode(gold), tail.astype(np.float32), lengths,
         )
