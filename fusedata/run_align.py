@@ -137,19 +137,47 @@ def project(src_topk: TopK, matched: np.ndarray, labels: np.ndarray, vocab_map: 
     return out, kept
 
 
+def match_by_dtw(ids: np.ndarray, src: DocPositions, inside: np.ndarray, tgt_texts: list, src_texts: list
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Position alignment by DTW (fusedata.dtw) between the target's predicted tokens and the
+    source's predicted tokens on the same bytes. Target position t is matched to the first
+    source prediction aligned to its token; kinds: several source tokens on one target token
+    (many:1), one source token on several target tokens (1:many), else 1:1."""
+    from fusedata.dtw import dtw_align, strip_markers
+
+    sel = np.flatnonzero(inside)  # source predictions within the window's bytes
+    a = strip_markers([tgt_texts[i] or "" for i in ids[1:]])
+    b = strip_markers([src_texts[i] or "" for i in src.gold_ids[sel]])
+    n = len(a)
+    if not b:
+        return np.full(n, -1, dtype=np.int64), np.full(n, 3, dtype=np.int8)
+    off, col = dtw_align(a, b)
+    count = np.diff(off)  # [n] source tokens per target token
+    fan_in = np.bincount(col, minlength=len(b))  # target tokens per source token
+    first = col[off[:-1]]
+    kinds = np.zeros(n, dtype=np.int8)
+    kinds[fan_in[first] > 1] = 2
+    kinds[count > 1] = 1
+    return sel[first].astype(np.int64), kinds
+
+
 def align_window(ids: np.ndarray, start: np.ndarray, end: np.ndarray, src: DocPositions, vocab_map: np.ndarray,
-                 target_vocab: int) -> AlignedWindow:
-    """One target window (ids/start/end [n]) against all source predictions on its document."""
-    matched, kinds = match_by_bytes(start, end, src)
-    topk, kept = project(src.topk, matched, ids[1:].astype(np.int64), vocab_map, target_vocab)
+                 target_vocab: int, texts: tuple[list, list] | None = None) -> AlignedWindow:
+    """One target window (ids/start/end [n]) against all source predictions on its document.
+    `texts` (target, source token strings) selects DTW; None selects the byte-offset method."""
     lo, hi = (int(start[1:].min()), int(end[1:].max())) if len(ids) > 1 else (0, 0)
     inside = (src.pred_start >= lo) & (src.pred_start < hi)
+    if texts is None:
+        matched, kinds = match_by_bytes(start, end, src)
+    else:
+        matched, kinds = match_by_dtw(ids, src, inside, *texts)
+    topk, kept = project(src.topk, matched, ids[1:].astype(np.int64), vocab_map, target_vocab)
     nbytes = int(src.pred_end[inside].max() - src.pred_start[inside].min()) if inside.any() else 0
     return AlignedWindow(topk, kinds, float(kept.mean()) if len(kept) else 1.0, float(src.nll[inside].sum()), nbytes)
 
 
 def align_tables(target: pa.Table, source_rows: pa.Table, vocab_map: np.ndarray, target_vocab: int,
-                 codec: Any, schema: pa.Schema) -> pa.Table:
+                 codec: Any, schema: pa.Schema, texts: tuple[list, list] | None = None) -> pa.Table:
     """The pure alignment of one target shard against the source rows of the same documents."""
     src_docs = doc_positions(source_rows, decode_topk(source_rows)) if source_rows.num_rows else {}
     empty = DocPositions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32),
@@ -160,7 +188,7 @@ def align_tables(target: pa.Table, source_rows: pa.Table, vocab_map: np.ndarray,
                                     target.column("token_start").to_pylist(), target.column("token_end").to_pylist(),
                                     strict=True):
         results.append(align_window(np.asarray(ids, np.int32), np.asarray(start, np.int64), np.asarray(end, np.int64),
-                                    src_docs.get(doc, empty), vocab_map, target_vocab))
+                                    src_docs.get(doc, empty), vocab_map, target_vocab, texts))
     topk = TopK.concat([r.topk for r in results]) if results else None
     cols: dict[str, Any] = {
         "doc_id": target.column("doc_id"),
@@ -180,8 +208,9 @@ class AlignStage:
     """One target shard name in -> the aligned shard. Loads the vocabulary map once per worker."""
 
     def __init__(self, target_dir: str, source_dir: str, source_index: dict[str, list[str]], map_path: str,
-                 k: int, target_vocab: int, config: AlignConfig) -> None:
+                 k: int, target_vocab: int, config: AlignConfig, texts: tuple[list, list] | None = None) -> None:
         self.target_dir, self.source_dir, self.source_index = target_dir, source_dir, source_index
+        self.texts = texts
         self.map_path, self.target_vocab, self.config = map_path, target_vocab, config
         self.codec = get_codec(config.codec)
         self.schema = aligned_schema(self.codec.fields(), self.codec.metadata(), k)
@@ -200,7 +229,7 @@ class AlignStage:
         parts = [pq.read_table(Path(self.source_dir) / s, filters=[("doc_id", "in", list(docs))]) for s in shards]
         source_rows = pa.concat_tables(parts) if parts else pq.read_table(Path(self.source_dir) / next(
             iter(sorted(p.name for p in Path(self.source_dir).glob("shard-*.parquet"))))).slice(0, 0)
-        out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema)
+        out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema, self.texts)
         if on_tokens is not None:
             on_tokens(int(pa.compute.sum(pa.compute.list_value_length(target.column("input_ids"))).as_py() or 0))
         return out
@@ -220,13 +249,13 @@ class AlignJob:
 def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     from fusedata.models.cache import cache_root
     from fusedata.models.spec import ModelRef, load_tokenizer
-    from fusedata.vocab import vocab_map
+    from fusedata.vocab import token_texts, vocab_map
 
     executor = executor or LocalExecutor()
     if job.config.vocab not in ("exact", "mined"):
         raise UsageError("--vocab must be exact or mined")
-    if job.config.sequence != "bytes":
-        raise UsageError(f"--sequence {job.config.sequence}: only 'bytes' is available in this version")
+    if job.config.sequence not in ("bytes", "dtw"):
+        raise UsageError("--sequence must be bytes or dtw")
     target = open_dataset(job.target, "topk")
     source = open_dataset(job.source, "topk")
     if source.run.get("corpus_hash") != target.run.get("corpus_hash"):
@@ -265,7 +294,8 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     tasks = [ShardTask(n, pa.table({"shard": [n]})) for n in names if n not in done]
     progress = StageProgress(f"align {source.run['model']} -> {target.run['model']}", len(tasks), len(tasks), job.quiet)
     make = functools.partial(AlignStage, job.target, job.source, index, str(map_path), int(source.run["top_k"]),
-                             int(target.run["vocab_size"]), job.config)
+                             int(target.run["vocab_size"]), job.config,
+                             (token_texts(tgt_tok), token_texts(src_tok)) if job.config.sequence == "dtw" else None)
     try:
         executor.run(make, tasks, out, progress)
     finally:
