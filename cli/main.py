@@ -204,5 +204,24 @@ def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, 
     run_align(job, _executor(executor, address, workers))
 
 
+
+@main.command("eval")
+@click.option("--model", required=True, help="A checkpoint folder or any model spec.")
+@click.option("--data", "inputs", multiple=True, help="Held-out documents (JSONL/Parquet/text; repeatable).")
+@click.option("--tasks", default="quartz,socialiqa", show_default=True,
+              help="Comma-separated multiple-choice tasks ('' for none).")
+@click.option("--limit", default=200, show_default=True, help="Items per task.")
+@click.option("--max-length", default=1024, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def eval_cmd(model, inputs, tasks, limit, max_length, as_json):
+    """Held-out CE, perplexity and bits/byte; multiple-choice accuracy by log-likelihood."""
+    import json
+
+    from fusedata.evaluate import evaluate, render
+
+    result = evaluate(model, list(inputs), [t for t in tasks.split(",") if t], limit, max_length)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
 if __name__ == "__main__":
     main()

