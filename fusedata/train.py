@@ -161,19 +161,17 @@ def collate(rows: list[dict[str, Any]], with_topk: bool) -> Batch:
     return Batch(ids, att, labels, tk_ids, tk_q, tail, int(att.sum()))
 
 
-def sparse_distill_loss(logits: Any, topk_ids: Any, topk_q: Any, tail: Any, mask: Any) -> Any:
-    """Cross-entropy toward a sparse target with tail mass, summed over masked positions.
+def sparse_distill_loss(logp_k: Any, topk_q: Any, tail: Any) -> Any:
+    """Cross-entropy toward a sparse target with tail mass, summed over positions.
 
-    logits [N, V] float; topk_ids long [N, k]; topk_q, float [N, k]; tail float [N]; mask bool [N].
+    logp_k float [N, k]: the model's log-probs gathered at the target's ids; topk_q float [N, k]
+    (0 on padding entries); tail float [N]. The listed ids and "everything else" are the buckets.
     """
     import torch
 
-    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # [N, 1]
-    logp = logits.float().gather(1, topk_ids) - lse  # [N, k]
-    covered = torch.exp(logp).masked_fill(topk_q == 0, 0.0).sum(-1)  # [N] model mass on the listed ids
+    covered = torch.exp(logp_k).masked_fill(topk_q == 0, 0.0).sum(-1)  # [N] model mass on the listed ids
     rest = torch.log1p(-covered.clamp(max=1 - 1e-6))  # [N] log of the model's mass elsewhere
-    per_pos = -(topk_q * logp).sum(-1) - tail * rest  # [N]
-    return (per_pos * mask).sum()
+    return (-(topk_q * logp_k).sum(-1) - tail * rest).sum()
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -185,23 +183,23 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 def compute_loss(model: Any, batch: Batch, lam: float) -> tuple[Any, dict[str, float]]:
-    """λ·CLM + (1−λ)·distill, both averaged over the batch's real positions."""
+    """λ·CLM + (1−λ)·distill, both averaged over the batch's real positions. One log-softmax
+    and one gather serve both terms, so distillation costs little over plain CLM."""
     import torch
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]  # [B, T-1, V]
     mask = batch.labels != -100  # [B, T-1]
     n = mask.sum().clamp(min=1)
-    flat = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1)]  # [N, V]
-    clm = torch.nn.functional.cross_entropy(flat.float(), batch.labels[mask], reduction="sum") / n
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # [N, V]
+    index = batch.labels[mask][:, None]  # [N, 1]
+    if lam < 1.0:
+        index = torch.cat([index, batch.topk_ids[mask]], dim=1)  # [N, 1+k]
+    picked = logp.gather(1, index)  # [N, 1+k]
+    clm = -picked[:, 0].sum() / n
     parts = {"clm": float(clm.detach())}
     loss = clm
     if lam < 1.0:
-        m = mask.reshape(-1)
-        distill = sparse_distill_loss(
-            flat, batch.topk_ids.reshape(-1, batch.topk_ids.shape[-1])[m],
-            batch.topk_q.reshape(-1, batch.topk_q.shape[-1])[m], batch.tail.reshape(-1)[m],
-            torch.ones(int(m.sum()), dtype=torch.float32),
-        ) / n
+        distill = sparse_distill_loss(picked[:, 1:], batch.topk_q[mask], batch.tail[mask]) / n
         loss = lam * clm + (1 - lam) * distill
         parts["distill"] = float(distill.detach())
     return loss, parts
