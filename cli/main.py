@@ -135,16 +135,17 @@ def inspect_cmd(path, as_json, plot_dir):
 @click.option("--temperature", default=1.0, show_default=True, help="AvgCE: weights = softmax(-CE / T).")
 @click.option("--top-k", "k_out", default=0, help="Entries kept per position (0: the target's k).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
+@click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @with_executor
-def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, overwrite, quiet,
+def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, no_target, overwrite, quiet,
          executor, address, workers):
     """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
     from fusedata.codec import DEFAULT_CODEC
     from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
 
-    config = FuseConfig(method, unit, metric, temperature, k_out, codec or DEFAULT_CODEC)
+    config = FuseConfig(method, unit, metric, temperature, k_out, codec or DEFAULT_CODEC, not no_target)
     job = FuseJob(target, list(aligned), output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 

@@ -54,6 +54,7 @@ class FuseConfig:
     temperature: float = 1.0  # AvgCE softmax temperature
     k_out: int = 0  # 0: the target's k
     codec: str = DEFAULT_CODEC
+    include_target: bool = True  # False: fuse the sources only (plain distillation from one source)
 
 
 def predicted_bytes(token_start: pa.ListArray, token_end: pa.ListArray) -> np.ndarray:
@@ -87,6 +88,8 @@ def fuse_tables(target: pa.Table, aligned: list[pa.Table], k: int, vocab_size: i
         window_ce = np.stack(ce, axis=1)  # [W, M]
     else:
         window_ce = token_metric_ce(cands, labels, vocab_size)
+    if not config.include_target:
+        cands, window_ce = cands[1:], window_ce[:, 1:]
     result = fuse(cands, labels, window_ce, vocab_size, config.method, config.unit, config.k_out or k, config.temperature)
     off = cands[0].offsets()
     cols = {
@@ -151,7 +154,9 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
         names = [s.name for s in m.shards]
         if names != [s.name for s in target.shards]:
             raise UsageError(f"{path}: its shards differ from the target's {job.target}")
-    candidates = [target.run["model"]] + [m.run["source"]["model"] for m in sources]
+    if not job.config.include_target and not sources:
+        raise UsageError("--no-target needs at least one --aligned source")
+    candidates = [target.run["model"]] * job.config.include_target + [m.run["source"]["model"] for m in sources]
     run = {
         "stage": "fuse",
         "target": {k: target.run.get(k) for k in TARGET_KEYS} | {"model": target.run["model"]},

@@ -1,8 +1,8 @@
 """Schema of a `fused/` dataset: the product a trainer consumes, one row per target window.
 
 Position i predicts `labels[i]` (= input_ids[i+1]). The codec columns hold the fused sparse
-target distribution in target ids (entries with id -1 are padding). Candidate 0 is always the
-target model itself; the candidates' names are in the schema metadata (`fusedata.candidates`)
+target distribution in target ids (entries with id -1 are padding). Candidate 0 is the target
+model itself (unless fused with --no-target, i.e. plain distillation); the candidates' names are in the schema metadata (`fusedata.candidates`)
 and the manifest.
 """
 
