@@ -98,7 +98,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Convert a GGUF file into a safetensors folder (fp32 weights, tokenizer, config)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file not found: {gguf_path}")
