@@ -5,7 +5,7 @@ Conventions shared by every stage (after datatrove's completion markers):
   `shard-*.parquet` is always complete and is never recomputed;
 - `_run.json`, written when a run starts, holds the run's identity; a folder holding another
   run's identity is refused unless the caller asks to overwrite;
-- `manifest.json` is written last (also atomically) and lists every shard with its sha256.
+- `_manifest.json` is written last (also atomically) and lists every shard with its sha256.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `manifest.json` every dataset folder holds, written last.
+"""The `_manifest.json` every dataset folder holds, written last.
 
 Its presence means the dataset is complete. It records what produced the data (inputs,
 model and tokenizer identity, k, codec), what is in it (rows, tokens, shards with sha256)
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "_manifest.json"  # leading underscore: pyarrow and duckdb folder readers skip it
 
 
 @dataclass

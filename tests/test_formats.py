@@ -1,0 +1,95 @@
+"""The whole spine on tiny models, and its outputs read by other tools: datasets, polars, duckdb;
+`fusedata inspect` summaries and plots; the codec round trip through the fused dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from fusedata.codec import decode_topk
+from fusedata.extract import ExtractConfig
+from fusedata.inspect import plot, summarize
+from fusedata.run_align import AlignConfig, AlignJob, run_align
+from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+
+QUIET = {"quiet": True, "log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def spine(tiny_llama, tiny_gemma, corpus_file, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("spine")
+    for name, folder in (("llama", tiny_llama), ("gemma", tiny_gemma)):
+        run_extract(ExtractJob([str(corpus_file)], str(root / "topk" / name),
+                               ExtractConfig(model=str(folder), top_k=5, max_length=24), docs_per_shard=2, **QUIET))
+    run_align(AlignJob(str(root / "topk/llama"), str(root / "topk/gemma"), str(root / "aligned/gemma"),
+                       AlignConfig(cache_dir=str(root / "vocab")), **QUIET))
+    run_fuse(FuseJob(str(root / "topk/llama"), [str(root / "aligned/gemma")], str(root / "fused"),
+                     FuseConfig(method="mince"), **QUIET))
+    return root
+
+
+def test_fused_dataset_loads_with_datasets_polars_duckdb(spine):
+    import datasets
+    import duckdb
+    import polars as pl
+
+    fused = spine / "fused"
+    pattern = str(fused / "shard-*.parquet")
+    direct = decode_topk(pq.read_table(fused))  # pyarrow reads the folder too
+    ds = datasets.load_dataset("parquet", data_files=pattern, split="train")
+    assert ds.num_rows == pq.read_table(fused).num_rows
+    via_datasets = decode_topk(ds.data.table, like=fused)  # datasets drops the schema metadata
+    np.testing.assert_array_equal(via_datasets.ids, direct.ids)
+    np.testing.assert_array_equal(via_datasets.logprobs, direct.logprobs)
+    df = pl.read_parquet(pattern)
+    assert df.columns[:6] == ["doc_id", "window", "byte_start", "byte_end", "input_ids", "labels"]
+    n_labels = duckdb.sql(f"select sum(len(labels)) from '{pattern}'").fetchall()[0][0]
+    assert n_labels == direct.n_positions
+    # labels are input_ids shifted by one
+    for ids, labels in zip(df["input_ids"].to_list(), df["labels"].to_list(), strict=True):
+        assert labels == ids[1:]
+
+
+def test_fused_distributions_are_valid(spine):
+    table = pq.read_table(spine / "fused")
+    topk = decode_topk(table)
+    valid = topk.ids >= 0
+    assert valid[:, 0].all()
+    p = np.where(valid, np.exp(topk.logprobs.astype(np.float64)), 0.0)
+    assert (p.sum(1) <= 1 + 1e-3).all()
+    np.testing.assert_allclose(p.sum(1) + topk.tail_mass, 1.0, atol=2e-2)  # zq quantises both
+    winners = np.concatenate(table.column("winner").to_pylist())
+    assert set(np.unique(winners)) <= {0, 1}
+
+
+def test_inspect_summaries_and_plots(spine, tmp_path):
+    for kind, folder in (("topk", spine / "topk/llama"), ("aligned", spine / "aligned/gemma"), ("fused", spine / "fused")):
+        s = summarize(folder)
+        assert s["kind"] == kind and s["k"] == 5 and s["codec"]["name"] == "zq"
+        assert s["total_bytes"] == sum(f.stat().st_size for f in folder.glob("shard-*.parquet"))
+        assert 0 < s["topk_bytes"] < s["total_bytes"]
+        assert s["bytes_per_token"] == pytest.approx(s["total_bytes"] / s["positions"])
+    aligned = summarize(spine / "aligned/gemma")["stats"]
+    assert sum(aligned["kinds"].values()) == pytest.approx(1.0, abs=1e-3)
+    fused = summarize(spine / "fused")["stats"]
+    assert sum(fused["winning_share"]) == pytest.approx(1.0, abs=1e-3)
+    written = plot(spine / "fused", tmp_path / "plots")
+    names = {p.name for p in written}
+    assert {"bytes_per_token.png", "entropy_ce.png", "winning_share.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in written)
+    result = CliRunner().invoke(main, ["inspect", str(spine / "fused"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["rows"] == summarize(spine / "fused")["rows"]
+
+
+def test_inspect_refuses_unfinished_folder(spine, tmp_path):
+    (tmp_path / "half").mkdir()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "half")])
+    assert result.exit_code == 2 and "no _manifest.json" in result.output
