@@ -43,11 +43,16 @@ class ShardResult:
 def process_shard(stage: Stage, task: ShardTask, out: DatasetDir, on_tokens: Callable[[int], None] | None = None) -> ShardResult:
     """Compute one shard and write it atomically."""
     t0 = time.perf_counter()
-    table = stage(task.table, on_tokens)
-    out.write_shard(task.name, table, stage.schema)
     tokens = 0
-    if "input_ids" in table.column_names:
-        tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py() or 0)
+
+    def count(n: int) -> None:  # the stage reports the tokens it processed
+        nonlocal tokens
+        tokens += n
+        if on_tokens is not None:
+            on_tokens(n)
+
+    table = stage(task.table, count)
+    out.write_shard(task.name, table, stage.schema)
     return ShardResult(task.name, table.num_rows, task.table.num_rows, tokens, time.perf_counter() - t0)
 
 

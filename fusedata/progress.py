@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class StageProgress:
     """Counts what a stage has done; renders a bar on a terminal (stderr) unless quiet."""
 
-    def __init__(self, label: str, total_shards: int, total_docs: int, quiet: bool = False) -> None:
+    def __init__(self, label: str, total_shards: int, total_docs: int | None = None, quiet: bool = False) -> None:
         self.docs = 0
         self.tokens_done = 0
         self.total_docs = total_docs
@@ -23,7 +23,8 @@ class StageProgress:
                 TextColumn(f"[bold]{label}[/bold]"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("shards · {task.fields[docs]} docs · {task.fields[tokens]} tokens · {task.fields[rate]}"),
+                TextColumn("shards · " + ("{task.fields[docs]} docs · " if total_docs is not None else "")
+                           + "{task.fields[tokens]} tokens · {task.fields[rate]}"),
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
                 transient=False,

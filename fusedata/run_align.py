@@ -292,7 +292,7 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     names = [s.name for s in target.shards]
     done = out.done_shards()
     tasks = [ShardTask(n, pa.table({"shard": [n]})) for n in names if n not in done]
-    progress = StageProgress(f"align {source.run['model']} -> {target.run['model']}", len(tasks), len(tasks), job.quiet)
+    progress = StageProgress(f"align {source.run['model']} -> {target.run['model']}", len(tasks), None, job.quiet)
     make = functools.partial(AlignStage, job.target, job.source, index, str(map_path), int(source.run["top_k"]),
                              int(target.run["vocab_size"]), job.config,
                              (token_texts(tgt_tok), token_texts(src_tok)) if job.config.sequence == "dtw" else None)

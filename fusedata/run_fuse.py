@@ -181,7 +181,7 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
     names = [s.name for s in target.shards]
     done = out.done_shards()
     tasks = [ShardTask(n, pa.table({"shard": [n]})) for n in names if n not in done]
-    progress = StageProgress("fuse", len(tasks), len(tasks), job.quiet)
+    progress = StageProgress("fuse", len(tasks), None, job.quiet)
     stage_args = (job.target, job.aligned, int(target.run["top_k"]), int(target.run["vocab_size"]), candidates, job.config)
     try:
         executor.run(functools.partial(FuseStage, *stage_args), tasks, out, progress)
