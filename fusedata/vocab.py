@@ -7,7 +7,9 @@ nothing and are never matched to text. The family is read from the tokenizer's o
 (pre-tokenizer and decoder), not from a list of known model names.
 
 MinED is exact: for every source token, the minimum Levenshtein distance over the *whole*
-target vocabulary (rapidfuzz, vectorised and parallel), ties broken by the smallest target id.
+target vocabulary (rapidfuzz, vectorised and parallel), ties broken by the smallest target id,
+except that a target's byte-fallback pieces (`<0x41>`, which normalise like the piece `A`) come
+after all its other tokens: the tokenizer never emits them for text that a piece covers.
 """
 
 from __future__ import annotations
@@ -82,12 +84,32 @@ def token_texts(tokenizer: Any) -> list[str | None]:
     return [b.decode("latin-1") if b is not None else None for b in token_bytes(tokenizer)]
 
 
-def exact_map(src: list[str | None], tgt: list[str | None], size: int) -> np.ndarray:
-    """int32 [size]: the target id with the identical normalised string (smallest id), else -1."""
+def byte_fallback_ids(tokenizer: Any) -> list[int]:
+    """Ids of a SentencePiece tokenizer's byte-fallback pieces `<0xNN>` (none for other families)."""
+    if tokenizer_family(tokenizer) != "sentencepiece":
+        return []
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [i for i, p in enumerate(pieces)
+            if p is not None and len(p) == BYTE_FALLBACK_LEN and p.startswith("<0x") and p.endswith(">")]
+
+
+def _preference(tgt: list[str | None], last: Any = ()) -> np.ndarray:
+    """Target ids with a string, in tie-break order: ascending id, the ids in `last` after all
+    others. A byte-fallback piece `<0x41>` normalises to the same string as the piece `A`, but
+    the tokenizer only emits it for bytes no piece covers: the regular piece must win."""
+    late = np.zeros(len(tgt), dtype=bool)
+    late[np.asarray(list(last), dtype=np.int64)] = True
+    ids = np.array([i for i, t in enumerate(tgt) if t is not None], dtype=np.int64)
+    return np.concatenate([ids[~late[ids]], ids[late[ids]]])
+
+
+def exact_map(src: list[str | None], tgt: list[str | None], size: int, last: Any = ()) -> np.ndarray:
+    """int32 [size]: the target id with the identical normalised string (smallest id, ids in
+    `last` only when no other has the string), else -1."""
     index: dict[str, int] = {}
-    for i, t in enumerate(tgt):
-        if t is not None and t not in index:
-            index[t] = i
+    for i in _preference(tgt, last).tolist():
+        if tgt[i] not in index:
+            index[tgt[i]] = i
     out = np.full(size, -1, dtype=np.int32)
     for i, s in enumerate(src):
         if s is not None and s in index:
@@ -95,21 +117,23 @@ def exact_map(src: list[str | None], tgt: list[str | None], size: int) -> np.nda
     return out
 
 
-def mined_map(src: list[str | None], tgt: list[str | None], size: int, workers: int = -1, chunk: int = 2048) -> np.ndarray:
-    """int32 [size]: the target id at minimum Levenshtein distance (ties: smallest id).
-    Exact matches (distance 0) come from the hash map; only the rest go through cdist."""
+def mined_map(src: list[str | None], tgt: list[str | None], size: int, workers: int = -1, chunk: int = 2048,
+              last: Any = ()) -> np.ndarray:
+    """int32 [size]: the target id at minimum Levenshtein distance (ties: smallest id, ids in
+    `last` after all others). Exact matches (distance 0) come from the hash map; only the rest
+    go through cdist."""
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
 
-    out = exact_map(src, tgt, size)
-    tgt_ids = np.array([i for i, t in enumerate(tgt) if t], dtype=np.int64)
+    out = exact_map(src, tgt, size, last)
+    tgt_ids = np.array([i for i in _preference(tgt, last).tolist() if tgt[i]], dtype=np.int64)
     tgt_strs = [tgt[i] for i in tgt_ids]
     todo = [i for i, s in enumerate(src) if s and out[i] < 0]
     for c in range(0, len(todo), chunk):
         ids = todo[c : c + chunk]
         dist = process.cdist([src[i] for i in ids], tgt_strs, scorer=Levenshtein.distance, dtype=np.int32,
                              workers=workers)  # [chunk, T]
-        out[ids] = tgt_ids[dist.argmin(axis=1)]  # argmin returns the first (smallest id) on ties
+        out[ids] = tgt_ids[dist.argmin(axis=1)]  # argmin returns the first in preference order on ties
     return out
 
 
@@ -119,13 +143,14 @@ def vocab_map(src_tok: Any, tgt_tok: Any, method: str, size: int, cache_dir: str
 
     if method not in ("exact", "mined"):
         raise ValueError(f"unknown vocabulary map {method!r}")
-    key = hashlib.sha256(f"{tokenizer_hash(src_tok)}:{tokenizer_hash(tgt_tok)}:{method}:{size}:v1".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{tokenizer_hash(src_tok)}:{tokenizer_hash(tgt_tok)}:{method}:{size}:v2".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"vocab-{method}-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)
     src, tgt = token_texts(src_tok), token_texts(tgt_tok)
     src = src + [None] * (size - len(src))
-    result = exact_map(src, tgt, size) if method == "exact" else mined_map(src, tgt, size)
+    last = byte_fallback_ids(tgt_tok)
+    result = exact_map(src, tgt, size, last) if method == "exact" else mined_map(src, tgt, size, last=last)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

@@ -209,3 +209,37 @@ def test_vocab_map_cache(llama_tok, gemma_tok, tmp_path, monkeypatch):
 def test_vocab_map_rejects_unknown_method(llama_tok, gemma_tok, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         vocab_map(gemma_tok, llama_tok, "fuzzy", len(gemma_tok), tmp_path)
+
+
+def test_byte_fallback_pieces_lose_ties(llama_tok, gemma_tok, tmp_path):
+    """A SentencePiece target has both `A` and `<0x41>` (same bytes), but only ever emits `A` for
+    "A": a source token must map to the piece the target's tokenizer produces, not the byte token."""
+    from fusedata.vocab import byte_fallback_ids
+
+    vocab = gemma_tok.get_vocab()
+    fallback = byte_fallback_ids(gemma_tok)
+    assert len(fallback) == 256 and vocab["<0x41>"] in fallback and vocab["A"] not in fallback
+    assert byte_fallback_ids(llama_tok) == []
+    assert vocab["<0x41>"] < vocab["A"]  # the smallest id alone would pick the byte token
+    for method in ("exact", "mined"):
+        vmap = vocab_map(llama_tok, gemma_tok, method, len(llama_tok), tmp_path)
+        lv = llama_tok.get_vocab()
+        for piece, text in (("A", "A"), ("Ċ", "\n"), ("=", "=")):
+            emitted = gemma_tok(text, add_special_tokens=False).input_ids
+            assert len(emitted) == 1 and vmap[lv[piece]] == emitted[0], (method, piece)
+        # a byte the target has no piece for still maps to its byte-fallback token
+        assert vmap[lv["Ã"]] == vocab["<0xC3>"]
+    # over a whole text: a mapped id is a byte-fallback token only for bytes no regular piece spells
+    texts = token_texts(gemma_tok)
+    regular = {t for i, t in enumerate(texts) if t is not None and i not in set(fallback)}
+    text = "The café (A=1; B=2)\nCounter() == 42 — done. 😀"
+    for method in ("exact", "mined"):
+        vmap = vocab_map(llama_tok, gemma_tok, method, len(llama_tok), tmp_path)
+        used = [int(vmap[i]) for i in llama_tok(text).input_ids]
+        assert all(u >= 0 for u in used)
+        assert all(texts[u] not in regular for u in used if u in set(fallback)), method
+    # the tie rule in mined_map directly: distance ties also prefer the regular piece
+    assert mined_map(["AB"], ["<0x41>-as-A", "A"], 1, last=[0]).tolist() == [1]
+    assert mined_map(["AB"], ["A", "A"], 1, last=[0]).tolist() == [1]
+    assert exact_map(["A"], ["A", "A"], 1, last=[0]).tolist() == [1]
+    assert exact_map(["A"], ["A", "B"], 1, last=[0]).tolist() == [0]  # the byte token when it is the only one
