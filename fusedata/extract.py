@@ -70,6 +70,34 @@ def window_bounds(n_tokens: int, max_length: int, bos_prefixed: bool = False) ->
     return [(s, min(s + max_length, n_tokens)) for s in range(0, n_tokens - 1, step)]
 
 
+def split_character_spans(ids: np.ndarray, start: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> None:
+    """Give tokens that split a character their own bytes, in place.
+
+    Tokenizer offsets are in characters, so pieces of one multi-byte character (byte-level
+    pieces like `Ã` `»` or `ĠðŁĺ` `Ģ`, byte fallback `<0xC3>` `<0xBB>`) report the whole
+    character's span and overlap. Each maximal run of consecutive tokens whose span length
+    differs from their byte length is laid out again, byte by byte from the run's start; the
+    new layout is kept only if it ends exactly where the run ended (else the tokenizer had a
+    normaliser that changed the text, and its spans are left as they were).
+    """
+    n = len(ids)
+    lengths = np.where(ids < len(nbytes), nbytes[np.minimum(ids, len(nbytes) - 1)], 0)  # [n]
+    off = (lengths > 0) & (end - start != lengths)  # [n]
+    i = 0
+    while i < n:
+        if not off[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and off[j + 1]:
+            j += 1
+        group = np.arange(i, j + 1)
+        first = start[i] + np.concatenate([[0], np.cumsum(lengths[group])[:-1]])
+        if first[-1] + lengths[j] == end[group].max():
+            start[group], end[group] = first, first + lengths[group]
+        i = j + 1
+
+
 def batch_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
     """Group window indices (longest first) so that rows × longest row ≤ budget tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -107,6 +135,14 @@ class ExtractStage:
             raise UsageError(f"--top-k {self.config.top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.codec = get_codec(self.config.codec)
         self.schema = topk_schema(self.codec.fields(), self.codec.metadata(), self.config.top_k)
+
+    def token_nbytes(self) -> np.ndarray:
+        """int64 [len(tokenizer)]: bytes each token stands for (0 for special tokens)."""
+        if getattr(self, "_nbytes", None) is None:
+            from fusedata.vocab import token_bytes
+
+            self._nbytes = np.array([len(b) if b is not None else 0 for b in token_bytes(self.tokenizer)], np.int64)
+        return self._nbytes
 
     def _vocab_size(self) -> int:
         from transformers import AutoConfig
@@ -158,6 +194,7 @@ class ExtractStage:
             chars = np.asarray(enc["offset_mapping"][d], dtype=np.int64).reshape(-1, 2)  # [n, 2]
             byte_at = char_to_byte(text)
             start, end = byte_at[chars[:, 0]].astype(np.int32), byte_at[chars[:, 1]].astype(np.int32)
+            split_character_spans(ids, start, end, self.token_nbytes())
             bos = self.tokenizer.bos_token_id
             bos_prefixed = bos is not None and len(ids) > 0 and int(ids[0]) == bos
             for w, (s, e) in enumerate(window_bounds(len(ids), self.config.max_length, bos_prefixed)):

@@ -10,6 +10,7 @@ that does not matter), aligns positions (`bytes` or `dtw`), maps ids with the vo
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,7 +265,8 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     src_tok = load_tokenizer(ModelRef(source.run["model"], source.run["model_path"]))
     cache = Path(job.config.cache_dir) if job.config.cache_dir else cache_root().parent / "vocab"
     vmap = vocab_map(src_tok, tgt_tok, job.config.vocab, int(source.run["vocab_size"]), cache)
-    map_path = cache / f"run-{run_digest(source.run)}-{run_digest(target.run)}-{job.config.vocab}.npy"
+    # the workers load the map from a file named by its content, so a changed map is never stale
+    map_path = cache / f"map-{hashlib.sha256(vmap.tobytes()).hexdigest()[:20]}.npy"
     if not map_path.is_file():
         np.save(map_path.with_suffix(".tmp.npy"), vmap)
         map_path.with_suffix(".tmp.npy").replace(map_path)

@@ -110,17 +110,14 @@ def test_match_by_bytes_source_positions_are_document_wide():
     assert matched.tolist() == [3, 4] and kinds.tolist() == [ONE_TO_ONE, ONE_TO_MANY]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: tokens that split one UTF-8 character (byte-level pieces, <0xNN> byte fallback) all "
-    "carry the character's byte span, because extract derives byte offsets from character offsets; "
-    "match_by_bytes then gives every piece the prediction of the first source piece"))
 def test_match_by_bytes_split_character():
     # "û" = C3 BB at bytes 10-12; target: "Ġco" | "Ã" | "»" | "te", source: "▁co" <0xC3> <0xBB> "te".
-    # As stored by extract, both pieces of each side carry the span (10, 12).
-    tgt = _target([(7, 10), (10, 12), (10, 12), (12, 14)])
-    src = _doc([(10, 12), (10, 12), (12, 14)])  # predictions of <0xC3>, <0xBB>, "te"
+    # extract gives each piece of a split character its own byte (split_character_spans).
+    tgt = _target([(7, 10), (10, 11), (11, 12), (12, 14)])
+    src = _doc([(10, 11), (11, 12), (12, 14)])  # predictions of <0xC3>, <0xBB>, "te"
     matched, kinds = match_by_bytes(*tgt, src)
-    assert matched.tolist() == [0, 1, 2]  # "»" must get the prediction of <0xBB>, not of <0xC3>
+    assert matched.tolist() == [0, 1, 2]  # "»" gets the prediction of <0xBB>, not of <0xC3>
+    assert kinds.tolist() == [ONE_TO_ONE] * 3
 
 
 TEXTS_T = {0: "the", 1: " cat", 2: " sat", 3: " ca", 4: "t"}
