@@ -407,9 +407,9 @@ def test_fuse_on_aligned(extracted, tiny_llama, corpus_file, tmp_path):
 
 
 def test_vocab_map_file_for_the_stage(extracted, tmp_path):
-    """The stage loads the map saved for the run (keyed by both runs): the cached map itself."""
+    """The stage loads the map from a file named by its content: the cached map itself."""
     _align(extracted["llama"], extracted["gemma"], tmp_path / "aligned", vocab="exact")
-    run_maps = list((tmp_path / "vocab").glob("run-*-exact.npy"))
+    run_maps = list((tmp_path / "vocab").glob("map-*.npy"))
     cached = list((tmp_path / "vocab").glob("vocab-exact-*.npy"))
     assert len(run_maps) == 1 and len(cached) == 1
     assert np.array_equal(np.load(run_maps[0]), np.load(cached[0]))
