@@ -2,7 +2,8 @@
 
 Real text (the gensim Lee news corpus, articles joined with blank lines) tokenised by the real
 SmolLM2 (target) and Gemma-3 (source) tokenizers, byte offsets built as fusedata/extract.py does
-(character offsets -> UTF-8 byte offsets with `char_to_byte`). The target text is cut into
+(character offsets -> UTF-8 byte offsets with `char_to_byte`, pieces of a split character given
+their own bytes with `split_character_spans`). The target text is cut into
 sequences of `--length` tokens; each is aligned against the source predictions of the whole
 text (the byte method) or of its bytes (DTW), exactly as `align_window` does.
 
@@ -32,12 +33,17 @@ LEE = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/
 
 def _offsets(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids, byte start, byte end of the text's tokens (no special tokens), as extract stores them."""
-    from fusedata.extract import char_to_byte
+    from fusedata.extract import char_to_byte, split_character_spans
+    from fusedata.vocab import token_bytes
 
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     chars = np.asarray(enc["offset_mapping"], dtype=np.int64)
     byte_at = char_to_byte(text)
-    return np.asarray(enc["input_ids"], np.int32), byte_at[chars[:, 0]], byte_at[chars[:, 1]]
+    ids = np.asarray(enc["input_ids"], np.int32)
+    start, end = byte_at[chars[:, 0]], byte_at[chars[:, 1]]
+    nbytes = np.array([len(b) if b is not None else 0 for b in token_bytes(tok)], np.int64)
+    split_character_spans(ids, start, end, nbytes)
+    return ids, start, end
 
 
 def _best(fn, repeat: int) -> float:
