@@ -80,3 +80,48 @@ class LocalExecutor:
             progress.shard_done(result, count_tokens=False)
             results.append(result)
         return results
+
+
+def shard_name_task(name: str) -> ShardTask:
+    """The task of a dataset-to-dataset stage: just the shard name (the stage reads its inputs)."""
+    return ShardTask(name, pa.table({"shard": [name]}))
+
+
+def run_stage(
+    *,
+    kind: str,
+    output: str,
+    run: dict[str, Any],
+    names: list[str],
+    make_stage: Callable[[], Stage],
+    executor: Executor,
+    stats: Callable[[DatasetDir, list[str], float], dict[str, Any]],
+    label: str,
+    make_task: Callable[[str], ShardTask] = shard_name_task,
+    count_docs: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """The flow every stage shares: a finished identical run is a no-op; otherwise claim the
+    folder, compute only the missing shards, then write the manifest with `stats(out, names,
+    tokens_per_second)`. Returns the Manifest."""
+    from fusedata.progress import StageProgress
+    from schemas.manifest import Manifest
+
+    out = DatasetDir(output)
+    if out.is_complete() and Manifest.read(out.path).run == run:
+        log(f"{out.path}: already complete, nothing to do")
+        return Manifest.read(out.path)
+    out.begin(run, overwrite=overwrite)
+    done = out.done_shards()
+    tasks = [make_task(n) for n in names if n not in done]
+    if done:
+        log(f"{out.path}: resuming, {len(names) - len(tasks)} of {len(names)} shards already written")
+    docs = sum(t.table.num_rows for t in tasks) if count_docs else None
+    progress = StageProgress(label, len(tasks), docs, quiet)
+    try:
+        executor.run(make_stage, tasks, out, progress)
+    finally:
+        progress.close()
+    return out.finish(kind, run, names, stats(out, names, progress.rate()))

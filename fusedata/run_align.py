@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
 from fusedata.dataset import DatasetDir, open_dataset
 from fusedata.errors import UsageError
-from fusedata.executor import Executor, LocalExecutor, ShardTask
-from fusedata.progress import StageProgress
+from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.run_fuse import TARGET_KEYS, run_digest
 from fusedata.topk import TopK
 from schemas.aligned import ALIGN_KINDS, aligned_schema
@@ -282,31 +281,25 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
         "vocab_size": target.run["vocab_size"],
         "model": source.run["model"],
     }
-    out = DatasetDir(job.output)
-    if out.is_complete() and Manifest.read(out.path).run == run:
-        job.log(f"{out.path}: already complete, nothing to do")
-        return Manifest.read(out.path)
-    out.begin(run, overwrite=job.overwrite)
     index: dict[str, list[str]] = {}
     for s in source.shards:
         for d in set(pq.read_table(Path(job.source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
             index.setdefault(d, []).append(s.name)
-    names = [s.name for s in target.shards]
-    done = out.done_shards()
-    tasks = [ShardTask(n, pa.table({"shard": [n]})) for n in names if n not in done]
-    progress = StageProgress(f"align {source.run['model']} -> {target.run['model']}", len(tasks), None, job.quiet)
+    texts = (token_texts(tgt_tok), token_texts(src_tok)) if job.config.sequence == "dtw" else None
     make = functools.partial(AlignStage, job.target, job.source, index, str(map_path), int(source.run["top_k"]),
-                             int(target.run["vocab_size"]), job.config,
-                             (token_texts(tgt_tok), token_texts(src_tok)) if job.config.sequence == "dtw" else None)
-    try:
-        executor.run(make, tasks, out, progress)
-    finally:
-        progress.close()
-    stats = aligned_stats(out, names)
-    stats["vocab_mapped"] = float((vmap >= 0).mean())
-    manifest = out.finish("aligned", run, names, stats)
+                             int(target.run["vocab_size"]), job.config, texts)
+
+    def stats(out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
+        return aligned_stats(out, names) | {"vocab_mapped": float((vmap >= 0).mean())}
+
+    manifest = run_stage(
+        kind="aligned", output=job.output, run=run, names=[s.name for s in target.shards], executor=executor,
+        make_stage=make, stats=stats, label=f"align {source.run['model']} -> {target.run['model']}",
+        overwrite=job.overwrite, quiet=job.quiet, log=job.log,
+    )
+    stats = manifest.stats
     share = ", ".join(f"{k} {v:.1%}" for k, v in stats["kinds"].items())
-    job.log(f"{out.path}: {stats['positions']:,} target positions: {share}; mass kept {stats['mass_kept']:.3f}")
+    job.log(f"{job.output}: {stats['positions']:,} target positions: {share}; mass kept {stats['mass_kept']:.3f}")
     return manifest
 
 

@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 
 from fusedata.corpus import read_corpus, shard_docs
 from fusedata.dataset import DatasetDir, shard_name
-from fusedata.executor import Executor, LocalExecutor, ShardTask
+from fusedata.executor import Executor, LocalExecutor, ShardTask, run_stage
 from fusedata.extract import ExtractConfig, ExtractStage, corpus_hash
-from fusedata.progress import StageProgress
 from schemas.manifest import Manifest
 
 
@@ -42,35 +41,29 @@ def run_extract(job: ExtractJob, executor: Executor | None = None) -> Manifest:
         "docs": docs.num_rows,
         "docs_per_shard": job.docs_per_shard,
     }
-    out = DatasetDir(job.output)
-    if out.is_complete() and Manifest.read(out.path).run == run:
-        job.log(f"{out.path}: already complete, nothing to do")
-        return Manifest.read(out.path)
-    out.begin(run, overwrite=job.overwrite)
     shards = shard_docs(docs, job.docs_per_shard)
-    names = [shard_name(i) for i in range(len(shards))]
-    done = out.done_shards()
-    tasks = [ShardTask(n, t) for n, t in zip(names, shards, strict=True) if n not in done]
-    if done:
-        job.log(f"{out.path}: resuming, {len(names) - len(tasks)} of {len(names)} shards already written")
-    progress = StageProgress(f"extract {job.config.model}", len(tasks), sum(t.table.num_rows for t in tasks), job.quiet)
-    try:
-        make_stage = functools.partial(ExtractStage, job.config, stage.ref)
-        executor.run(make_stage, tasks, out, progress)
-    finally:
-        progress.close()
-    stats = topk_stats(out, names)
-    stats.update(
-        files=cstats.files,
-        empty_docs_skipped=cstats.empty_skipped,
-        docs_too_short=docs.num_rows - stats["docs"],  # fewer than two tokens: nothing to predict
-        bad_lines_skipped=cstats.bad_skipped,
-        tokens_per_second_this_run=round(progress.rate(), 1),
+    by_name = {shard_name(i): t for i, t in enumerate(shards)}
+
+    def stats(out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
+        result = topk_stats(out, names)
+        result.update(
+            files=cstats.files,
+            empty_docs_skipped=cstats.empty_skipped,
+            docs_too_short=docs.num_rows - result["docs"],  # fewer than two tokens: nothing to predict
+            bad_lines_skipped=cstats.bad_skipped,
+            tokens_per_second_this_run=round(rate, 1),
+        )
+        return result
+
+    manifest = run_stage(
+        kind="topk", output=job.output, run=run, names=list(by_name), executor=executor, stats=stats,
+        make_stage=functools.partial(ExtractStage, job.config, stage.ref), label=f"extract {job.config.model}",
+        make_task=lambda n: ShardTask(n, by_name[n]), count_docs=True, overwrite=job.overwrite, quiet=job.quiet,
+        log=job.log,
     )
-    manifest = out.finish("topk", run, names, stats)
     job.log(
-        f"{out.path}: {manifest.rows} windows, {manifest.tokens:,} tokens, "
-        f"mean CE {stats['mean_ce']:.3f} nats, {stats['bytes_per_token']:.1f} bytes/token"
+        f"{job.output}: {manifest.rows} windows, {manifest.tokens:,} tokens, "
+        f"mean CE {manifest.stats['mean_ce']:.3f} nats, {manifest.stats['bytes_per_token']:.1f} bytes/token"
     )
     return manifest
 

@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
 from fusedata.dataset import DatasetDir, open_dataset
 from fusedata.errors import UsageError
-from fusedata.executor import Executor, LocalExecutor, ShardTask
+from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.fuse import fuse, token_metric_ce
-from fusedata.progress import StageProgress
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
 
@@ -173,24 +172,17 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
         "model_hash": target.run["model_hash"],
         "model": target.run["model"],
     }
-    out = DatasetDir(job.output)
-    if out.is_complete() and Manifest.read(out.path).run == run:
-        job.log(f"{out.path}: already complete, nothing to do")
-        return Manifest.read(out.path)
-    out.begin(run, overwrite=job.overwrite)
     names = [s.name for s in target.shards]
-    done = out.done_shards()
-    tasks = [ShardTask(n, pa.table({"shard": [n]})) for n in names if n not in done]
-    progress = StageProgress("fuse", len(tasks), None, job.quiet)
     stage_args = (job.target, job.aligned, int(target.run["top_k"]), int(target.run["vocab_size"]), candidates, job.config)
-    try:
-        executor.run(functools.partial(FuseStage, *stage_args), tasks, out, progress)
-    finally:
-        progress.close()
-    stats = fused_stats(out, names, candidates)
-    manifest = out.finish("fused", run, names, stats)
+    manifest = run_stage(
+        kind="fused", output=job.output, run=run, names=names, executor=executor,
+        make_stage=functools.partial(FuseStage, *stage_args), label="fuse",
+        stats=lambda out, names, rate: fused_stats(out, names, candidates),
+        overwrite=job.overwrite, quiet=job.quiet, log=job.log,
+    )
+    stats = manifest.stats
     share = ", ".join(f"{c} {s:.1%}" for c, s in zip(candidates, stats["winning_share"], strict=True))
-    job.log(f"{out.path}: {manifest.rows} windows, {manifest.tokens:,} tokens; {job.config.method} by "
+    job.log(f"{job.output}: {manifest.rows} windows, {manifest.tokens:,} tokens; {job.config.method} by "
             f"{job.config.unit}: {share if job.config.method == 'mince' else 'weights ' + str(stats['mean_weights'])}")
     return manifest
 
