@@ -52,8 +52,9 @@ def main() -> None:
 
     work = Path(args.workdir)
     quiet = {"quiet": True, "log": log}
-    # corpus: enough documents of the four domains for the budget (~4 bytes per token)
-    per_domain = max(2, args.tokens * 4 // (4 * 1500) + 1)
+    # corpus: enough documents of the four domains for the budget (documents average ~200 tokens;
+    # the encyclopedia excerpt has 94, so very large budgets repeat data: see the epochs in the log)
+    per_domain = max(2, -(-args.tokens // (4 * 200)))
     build_demo_corpus(work / "corpus.jsonl", per_domain=per_domain, max_chars=1500)
     build_demo_corpus(work / "heldout.jsonl", per_domain=args.heldout_per_domain, max_chars=1500, skip=per_domain + 5)
     docs, _ = read_corpus([str(work / "corpus.jsonl")])
