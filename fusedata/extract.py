@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -309,6 +309,3 @@ def corpus_hash(docs: pa.Table) -> str:
         h.update(b"\1")
     return h.hexdigest()
 
-
-def config_dict(config: ExtractConfig) -> dict[str, Any]:
-    return asdict(config)

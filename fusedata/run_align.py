@@ -227,8 +227,7 @@ class AlignStage:
         docs = set(target.column("doc_id").to_pylist())
         shards = sorted({s for d in docs for s in self.source_index.get(d, [])})
         parts = [pq.read_table(Path(self.source_dir) / s, filters=[("doc_id", "in", list(docs))]) for s in shards]
-        source_rows = pa.concat_tables(parts) if parts else pq.read_table(Path(self.source_dir) / next(
-            iter(sorted(p.name for p in Path(self.source_dir).glob("shard-*.parquet"))))).slice(0, 0)
+        source_rows = pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string())})
         out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema, self.texts)
         if on_tokens is not None:
             on_tokens(int(pa.compute.sum(pa.compute.list_value_length(target.column("input_ids"))).as_py() or 0))
