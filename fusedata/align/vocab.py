@@ -6,10 +6,10 @@ markers and byte-fallback pieces already normalised, one character per byte):
 - `exact` (EM): the target token with the identical surface; none -> -1.
 - `mined` (MinED): the target token at minimum Levenshtein distance (in bytes) over the whole
   target vocabulary: every ordinary source token gets a target. The result equals the brute
-  force minimum exactly (`mined_brute_force`), found fast by length pruning: a target whose
+  force minimum exactly (`mined_brute_force`), found faster by length pruning: a target whose
   length differs by more than r is at distance > r, so a source whose best distance among
   targets of length within r is <= r is settled without looking further (rapidfuzz `cdist`
-  with `score_cutoff=r`, r = 2, 4, 8, ..., then everything).
+  over rings of growing length difference).
 
 Tie-break, both methods, deterministic: smallest distance, then regular pieces before
 byte-fallback pieces `<0xNN>` (a SentencePiece target emits `<0x41>` only for bytes no piece
@@ -61,45 +61,61 @@ def exact_map(source: TokenTable, target: TokenTable) -> np.ndarray:
     return out
 
 
+def _radii(limit: int) -> list[int]:
+    """Ring radii 0, 1, 2, 3, 4, 6, 9, 13, ... (x1.5) up to the first >= limit."""
+    out = [0]
+    while out[-1] < limit:
+        out.append(max(out[-1] + 1, out[-1] * 3 // 2))
+    return out
+
+
 def mined_map(source: TokenTable, target: TokenTable, workers: int = 2, max_cells: int = 1 << 24) -> np.ndarray:
-    """int32 [len(source)]: the target id at minimum edit distance (tie-break above); exact
-    matches from a hash map, the rest by length-pruned `cdist` (`max_cells` bounds the
-    distance matrix of one call: int16, 32 MB by default)."""
+    """int32 [len(source)]: the target id at minimum edit distance (tie-break above).
+
+    Exact matches come from a hash map. For the rest, targets are visited in rings of
+    growing length difference |len(t) - len(s)| in (r_prev, r] with exact `cdist`
+    distances; a source is settled once its best distance is <= r, because every target
+    not yet visited is at distance >= |len difference| > r. Ties across rings are resolved
+    by tie-break rank, so the result equals `mined_brute_force`. `max_cells` bounds one
+    distance matrix (int16: 32 MB by default).
+    """
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
 
     out = exact_map(source, target)
-    order = _target_order(target)  # [T] tie-break order
+    order = _target_order(target)  # [T] target ids in tie-break order
     t_str = [target.surface[i] for i in order.tolist()]
     t_len = np.fromiter((len(s) for s in t_str), np.int64, len(t_str))  # [T]
     todo = np.array([i for i, s in enumerate(source.surface) if s is not None and out[i] < 0], dtype=np.int64)
     if len(todo) == 0 or len(t_str) == 0:
         return out
-    s_len = np.fromiter((len(source.surface[i]) for i in todo.tolist()), np.int64, len(todo))
-    max_len = int(max(s_len.max(), t_len.max()))
-    radius = 2
-    while len(todo):
-        final = radius >= max_len
-        # sources of one length share the band of candidate targets
-        settled = np.zeros(len(todo), dtype=bool)
-        for length in np.unique(s_len).tolist():
-            rows = np.flatnonzero(s_len == length)
-            band = np.flatnonzero(np.abs(t_len - length) <= radius) if not final else np.arange(len(t_str))
-            if len(band) == 0:
-                continue
-            band_str = [t_str[j] for j in band.tolist()]
-            step = max(1, max_cells // len(band))
-            for c in range(0, len(rows), step):
-                chunk = rows[c:c + step]
-                dist = process.cdist([source.surface[i] for i in todo[chunk].tolist()], band_str,
-                                     scorer=Levenshtein.distance, dtype=np.int16, workers=workers,
-                                     score_cutoff=None if final else radius)  # [c, |band|]
-                best = dist.argmin(axis=1)  # first minimum = earliest in tie-break order
-                done = final | (dist[np.arange(len(chunk)), best] <= radius)
-                out[todo[chunk[done]]] = order[band[best[done]]]
-                settled[chunk[done]] = True
-        todo, s_len = todo[~settled], s_len[~settled]
-        radius *= 2
+    s_str = [source.surface[i] for i in todo.tolist()]
+    s_len = np.fromiter((len(s) for s in s_str), np.int64, len(s_str))  # [S]
+    best_d = np.full(len(todo), np.iinfo(np.int64).max, dtype=np.int64)  # [S]
+    best_rank = np.zeros(len(todo), dtype=np.int64)  # [S] position in `order`
+    for length in np.unique(s_len).tolist():
+        rows = np.flatnonzero(s_len == length)  # unsettled sources of this length
+        diff = np.abs(t_len - length)  # [T]
+        prev = -1
+        for radius in _radii(int(diff.max())):
+            ring = np.flatnonzero((diff > prev) & (diff <= radius))  # ascending rank
+            prev = radius
+            if len(ring) and len(rows):
+                ring_str = [t_str[j] for j in ring.tolist()]
+                step = max(1, max_cells // len(ring))
+                for c in range(0, len(rows), step):
+                    chunk = rows[c:c + step]
+                    dist = process.cdist([s_str[i] for i in chunk.tolist()], ring_str, scorer=Levenshtein.distance,
+                                         dtype=np.int16, workers=workers)  # [c, |ring|]
+                    arg = dist.argmin(axis=1)  # first minimum: lowest rank in the ring
+                    d = dist[np.arange(len(chunk)), arg].astype(np.int64)
+                    better = (d < best_d[chunk]) | ((d == best_d[chunk]) & (ring[arg] < best_rank[chunk]))
+                    best_d[chunk[better]] = d[better]
+                    best_rank[chunk[better]] = ring[arg[better]]
+            rows = rows[best_d[rows] > radius]  # settled: nothing farther can be as close
+            if len(rows) == 0:
+                break
+    out[todo] = order[best_rank]
     return out
 
 
