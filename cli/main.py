@@ -224,5 +224,11 @@ def eval_cmd(model, inputs, tasks, limit, max_length, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
+from cli.pipeline_cmd import plan, run  # noqa: E402
+
+main.add_command(run)
+main.add_command(plan)
+
+
 if __name__ == "__main__":
     main()
