@@ -230,5 +230,10 @@ main.add_command(run)
 main.add_command(plan)
 
 
+from cli.publish_cmd import publish  # noqa: E402
+
+main.add_command(publish)
+
+
 if __name__ == "__main__":
     main()
