@@ -488,7 +488,10 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
 
     from huggingface_hub import HfApi, constants, get_token
 
-    token = token or get_token()
+    try:
+        token = token or get_token()
+    except Exception as exc:  # noqa: BLE001  (e.g. HF_OIDC_RESOURCE set outside CI)
+        raise UsageError(f"could not get a Hugging Face token: {type(exc).__name__}") from None
     if not token:
         raise UsageError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
     if constants.is_offline_mode():
