@@ -592,12 +592,12 @@ def _ensure_repo(api: Any, repo_id: str, private: bool, branch: str, log: Callab
 
 def _remote_files(api: Any, repo_id: str, branch: str) -> dict[str, Any]:
     """Files already under data/ on the remote branch (path -> RepoFile)."""
-    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError  # RemoteEntryNotFoundError derives from it
 
     try:
         entries = list(api.list_repo_tree(repo_id, path_in_repo=DATA_DIR, recursive=True, repo_type="dataset",
                                           revision=branch))
-    except (EntryNotFoundError, RemoteEntryNotFoundError):
+    except EntryNotFoundError:
         return {}
     return {e.path: e for e in entries if hasattr(e, "size")}
 
