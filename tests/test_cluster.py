@@ -1,0 +1,273 @@
+"""A real two-node Ray cluster on loopback, and the failures a cluster run must survive.
+
+The cluster is started with `ray start` (head + one worker node, one CPU each, under a private
+temp dir) and driven by `python -m cli.main ... --address` subprocesses: `init_ray` is
+process-global, so a client in this pytest process would clash with the other Ray tests.
+Checked: extract and align on the cluster equal the local run; a worker process killed
+mid-extract is restarted and the output is still identical; a driver killed with SIGKILL
+mid-run resumes on the next identical command with no duplicate or missing rows.
+
+Teardown kills exactly the processes of this cluster (found by its temp dir and their
+children), not `ray stop --force`, which would also stop every other Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusedata.codec import decode_topk
+from fusedata.extract import ExtractConfig
+from fusedata.run_align import AlignConfig, AlignJob, run_align
+from fusedata.run_extract import ExtractJob, run_extract
+from schemas.manifest import MANIFEST_NAME, Manifest
+
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+K = 5
+EXTRACT_ARGS = ["--top-k", str(K), "--max-length", "24", "--batch-tokens", "256", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    """No inherited cluster address; no token auth (a token file in ~/.ray would switch the head
+    to token mode while the worker node and the drivers stay in the default mode)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    return env
+
+
+class LocalCluster:
+    """Head + one worker node on 127.0.0.1, each with one CPU."""
+
+    def __init__(self) -> None:
+        self.temp = tempfile.mkdtemp(prefix="fdray-", dir="/tmp")  # short: Ray's socket paths have a limit
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.seen: set[int] = set()
+
+    def start(self) -> None:
+        common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        self._ray("start", "--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
+                  *common)
+        self._ray("start", f"--address={self.address}", *common)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run([str(BIN / "ray"), "status", f"--address={self.address}"], env=_env(),
+                                 capture_output=True, text=True, timeout=60)
+            if out.stdout.count("node_") >= 2 or "2.0 CPU" in out.stdout or "0.0/2.0 CPU" in out.stdout:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the two-node cluster did not come up: {out.stdout}{out.stderr}")
+
+    def _ray(self, *args: str) -> None:
+        out = subprocess.run([str(BIN / "ray"), *args], env=_env(), capture_output=True, text=True, timeout=120)
+        self.processes()
+        if out.returncode:
+            raise RuntimeError(f"ray {' '.join(args)} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+
+    def processes(self) -> list:
+        """Every live process of this cluster: those naming its temp dir and their descendants."""
+        me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid not in me and any(self.temp in a for a in p.info["cmdline"] or []):
+                    found[p.pid] = p
+                    for c in p.children(recursive=True):
+                        found[c.pid] = c
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        for pid in list(self.seen):  # processes seen earlier (their parent may have died since)
+            if pid not in found and psutil.pid_exists(pid):
+                try:
+                    found[pid] = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    pass
+        self.seen.update(found)
+        return list(found.values())
+
+    def map_workers(self) -> list:
+        """The Ray Data actor processes (`ray::MapWorker(...)`) of this cluster."""
+        out = []
+        for p in self.processes():
+            try:
+                if "MapWorker" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def stop(self) -> list[int]:
+        """Kill this cluster's processes; returns the pids still alive afterwards (should be none)."""
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=4)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        left = [p.pid for p in self.processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        shutil.rmtree(self.temp, ignore_errors=True)
+        return left
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        left = c.stop()
+        assert not left, f"cluster processes left running: {left}"
+
+
+def _cli(*args: str, address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--address", address], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ok(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _read(folder: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(folder / s.name) for s in Manifest.read(folder).shards])
+
+
+def assert_same(a: Path, b: Path, columns: tuple[str, ...] = ("doc_id", "window")) -> None:
+    """Same rows in the same shards, same decoded distributions (float32 rounding allowed:
+    other processes may use other numbers of torch threads)."""
+    ma, mb = Manifest.read(a), Manifest.read(b)
+    assert ma.run == mb.run
+    assert [(s.name, s.rows, s.tokens) for s in ma.shards] == [(s.name, s.rows, s.tokens) for s in mb.shards]
+    ta, tb = _read(a), _read(b)
+    for col in columns:
+        assert ta.column(col).equals(tb.column(col)), col
+    da, db = decode_topk(ta), decode_topk(tb)
+    np.testing.assert_array_equal(da.lengths, db.lengths)
+    np.testing.assert_array_equal(da.ids, db.ids)
+    for x, y in [(da.logprobs, db.logprobs), (da.gold_logprob, db.gold_logprob), (da.tail_mass, db.tail_mass)]:
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
+
+
+TOPK_COLUMNS = ("doc_id", "window", "byte_start", "byte_end", "input_ids", "token_start", "token_end")
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory) -> Path:
+    """40 one-document shards: long enough to kill something while the run is in flight."""
+    import tiny_models
+
+    docs = [{"id": f"{d['id']}-{i}", "text": d["text"]} for i in range(8) for d in tiny_models.CORPUS_DOCS]
+    return tiny_models.write_corpus(tmp_path_factory.mktemp("big") / "corpus.jsonl", docs)
+
+
+@pytest.fixture(scope="module")
+def big_local(tiny_llama, big_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("big-local") / "topk"
+    run_extract(ExtractJob([str(big_corpus)], str(out), ExtractConfig(model=str(tiny_llama), top_k=K, max_length=24,
+                                                                      batch_tokens=256),
+                           docs_per_shard=1, quiet=True, log=lambda m: None))
+    return out
+
+
+def _big_extract(model: Path, corpus: Path, out: Path, address: str) -> subprocess.Popen:
+    return _cli("extract", "--model", str(model), "--input", str(corpus), "--output", str(out), "--docs-per-shard", "1",
+                "--workers", "2", *EXTRACT_ARGS, address=address)
+
+
+def _wait_for_shard(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if out.is_dir() and any(out.glob("shard-*.parquet")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first shard: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.005)
+    raise AssertionError("no shard appeared")
+
+
+def test_cluster_extract_and_align_equal_local(cluster, tiny_llama, tiny_gemma, corpus_file, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "cluster"
+    for name, model in [("llama", tiny_llama), ("gemma", tiny_gemma)]:
+        run_extract(ExtractJob([str(corpus_file)], str(local / name),
+                               ExtractConfig(model=str(model), top_k=K, max_length=24, batch_tokens=256),
+                               docs_per_shard=2, quiet=True, log=lambda m: None))
+    run_align(AlignJob(str(local / "llama"), str(local / "gemma"), str(local / "aligned"),
+                       AlignConfig(cache_dir=str(tmp_path / "vocab")), quiet=True, log=lambda m: None))
+    procs = [_cli("extract", "--model", str(model), "--input", str(corpus_file), "--output", str(remote / name),
+                  "--docs-per-shard", "2", "--workers", "2", *EXTRACT_ARGS, address=cluster.address)
+             for name, model in [("llama", tiny_llama), ("gemma", tiny_gemma)]]
+    for p in procs:
+        _ok(p)
+    _ok(_cli("align", "--target", str(remote / "llama"), "--source", str(remote / "gemma"), "--output",
+             str(remote / "aligned"), "--cache-dir", str(tmp_path / "vocab"), "--workers", "2", "--quiet",
+             address=cluster.address))
+    for name in ["llama", "gemma"]:
+        assert_same(local / name, remote / name, TOPK_COLUMNS)
+    assert_same(local / "aligned", remote / "aligned", ("doc_id", "window", "align_kind"))
+
+
+def test_worker_killed_mid_extract(cluster, tiny_llama, big_corpus, big_local, tmp_path):
+    out = tmp_path / "topk"
+    proc = _big_extract(tiny_llama, big_corpus, out, cluster.address)
+    _wait_for_shard(out, proc)
+    victims = cluster.map_workers()
+    assert victims, "no Ray Data worker process found"
+    assert not (out / MANIFEST_NAME).exists(), "the run finished before a worker could be killed"
+    victims[0].kill()
+    _ok(proc)
+    assert_same(big_local, out, TOPK_COLUMNS)
+
+
+def test_driver_killed_then_resumed(cluster, tiny_llama, big_corpus, big_local, tmp_path):
+    out = tmp_path / "topk"
+    proc = _big_extract(tiny_llama, big_corpus, out, cluster.address)
+    _wait_for_shard(out, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not (out / MANIFEST_NAME).exists(), "the run finished before the driver could be killed"
+    written = len(list(out.glob("shard-*.parquet")))
+    total = len(Manifest.read(big_local).shards)
+    assert 0 < written < total
+    text = _ok(_big_extract(tiny_llama, big_corpus, out, cluster.address))
+    assert "resuming" in text
+    assert_same(big_local, out, TOPK_COLUMNS)
+    table = _read(out)
+    keys = list(zip(table.column("doc_id").to_pylist(), table.column("window").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys))  # no duplicate rows
+    assert set(table.column("doc_id").to_pylist()) == set(_read(big_local).column("doc_id").to_pylist())
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert json.loads((out / "_run.json").read_text()) == Manifest.read(out).run
