@@ -161,6 +161,8 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
         "target": {k: target.run.get(k) for k in TARGET_KEYS} | {"model": target.run["model"]},
         "target_run": run_digest(target.run),
         "aligned_runs": [run_digest(m.run) for m in sources],
+        "sources": [m.run["source"] for m in sources],  # model, tokenizer and weights hashes, licence
+        "licence": target.run.get("licence"),
         "candidates": candidates,
         "fuse": job.config.__dict__,
         "top_k": job.config.k_out or target.run["top_k"],
