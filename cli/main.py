@@ -72,18 +72,25 @@ def with_executor(f):
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--threads", default=0, help="torch threads per worker (0: torch default).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: transformers forward; vllm: a vLLM engine per worker, in its own environment "
+                   "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
+@click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, help="vLLM KV cache size per worker.")
+@click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
 def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, id_field, skip_bad_lines,
-            docs_per_shard, codec, device, dtype, threads, overwrite, quiet, executor, address, workers):
+            docs_per_shard, codec, device, dtype, threads, backend, vllm_kv_cache_gb, vllm_threads, overwrite, quiet,
+            executor, address, workers):
     """Run a model over a corpus and keep each position's top-k next-token distribution."""
     from fusedata.codec import DEFAULT_CODEC
     from fusedata.extract import ExtractConfig
     from fusedata.run_extract import ExtractJob, run_extract
 
     config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
-                           device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads)
+                           device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
+                           backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads)
     job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
                      overwrite, quiet, log=lambda m: click.echo(m, err=True))
     run_extract(job, _executor(executor, address, workers))

@@ -35,6 +35,9 @@ class ExtractConfig:
     dtype: str = "float32"
     codec: str = DEFAULT_CODEC
     threads: int = 0  # torch threads in this worker; 0 keeps torch's default
+    backend: str = "hf"  # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
+    vllm_kv_cache_gb: float = 1.0  # vLLM KV cache size
+    vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
 
 
 @dataclass
@@ -121,11 +124,14 @@ class ExtractStage:
         self.config = config
         self.ref = ref
         self.model = None
+        self.engine = None  # the vLLM backend's engine (fusedata/vllm_backend.py)
         self.tokenizer = None
 
     # -- set-up (driver and worker) -------------------------------------------------------
     def prepare(self) -> None:
         """Resolve the model and load its tokenizer: cheap, safe to run in the driver."""
+        if self.config.backend not in ("hf", "vllm"):
+            raise UsageError(f"unknown extract backend {self.config.backend!r}: use hf or vllm")
         if self.ref is None:
             self.ref = resolve(self.config.model)
         if self.tokenizer is None:
@@ -152,10 +158,20 @@ class ExtractStage:
         return int(cfg.vocab_size)
 
     def setup(self) -> None:
-        """Load the model (once per worker)."""
+        """Load the model (once per worker); the vLLM backend starts its engine instead."""
+        self.prepare()
+        if self.config.backend == "vllm":
+            if self.engine is None:
+                from fusedata.vllm_backend import VllmEngine
+
+                self.engine = VllmEngine(
+                    self.ref.path, max_logprobs=self.config.top_k, max_model_len=self.config.max_length,
+                    kv_cache_gb=self.config.vllm_kv_cache_gb, threads=self.config.vllm_threads,
+                    dtype=self.config.dtype,
+                )
+            return
         import torch
 
-        self.prepare()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.model = load_model(self.ref, self.config.device, self.config.dtype)
@@ -168,6 +184,10 @@ class ExtractStage:
     def identity(self) -> dict[str, Any]:
         """Everything about the model and settings that changes this stage's output."""
         self.prepare()
+        # vLLM's kernels give log-probs that differ from the transformers path by ~1e-4 and may
+        # order near-ties differently: a dataset records which backend made it (hf, the default,
+        # is left out so that existing runs keep their identity and still resume)
+        backend = {"backend": self.config.backend} if self.config.backend != "hf" else {}
         return {
             "model": self.config.model,
             "model_path": self.ref.path,
@@ -179,6 +199,7 @@ class ExtractStage:
             "max_length": self.config.max_length,
             "dtype": self.config.dtype,
             "codec": self.codec.spec(),
+            **backend,
         }
 
     # -- the pure part -------------------------------------------------------------------
@@ -208,7 +229,7 @@ class ExtractStage:
         return out
 
     def __call__(self, docs: pa.Table, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        if self.model is None:
+        if self.model is None and self.engine is None:
             self.setup()
         wins = self.windows(docs)
         per_window: list[TopK | None] = [None] * len(wins)
@@ -221,6 +242,8 @@ class ExtractStage:
 
     def forward(self, seqs: list[np.ndarray]) -> list[TopK]:
         """Top-k distributions of a batch of token sequences (right-padded to the longest)."""
+        if self.engine is not None:
+            return self.engine.topk(seqs, self.config.top_k)
         import torch
 
         lengths = [len(s) for s in seqs]

