@@ -54,9 +54,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core-worker notices would drown the progress bar
     logging.getLogger("ray").setLevel(logging.ERROR)
     if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        # a cluster on this machine: keep every Ray connection on loopback
+        local = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")
+        extra = {"_node_ip_address": "127.0.0.1"} if local else {}
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _node_ip_address="127.0.0.1")  # the embedded instance talks over loopback only
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
