@@ -51,7 +51,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core-worker notices would drown the progress bar
+    # Ray's own notices would drown fusedata's progress bar: errors only
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     logging.getLogger("ray").setLevel(logging.ERROR)
     if address:
         # a cluster on this machine: keep every Ray connection on loopback
