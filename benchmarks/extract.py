@@ -6,6 +6,11 @@ extract path (base model + chunked LM head + top-k + log-sum-exp) and a bare
 subprocess so that peak memory (max RSS) is measured per mode. Prints a markdown table.
 
     .venv/bin/python benchmarks/extract.py [--models smollm2-135m gemma3-270m] [--rounds 2]
+
+With --vllm, a third mode runs the same batches through `--backend vllm` (its engine in its
+own environment: `make vllm` or FUSEDATA_VLLM_PYTHON; one warm-up batch before timing, engine
+start-up reported apart) and a second table compares it with the HF extract of the same run.
+Peak RSS is not comparable there (vLLM computes in child processes), so it is left out.
 """
 
 from __future__ import annotations
@@ -28,16 +33,22 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
     from fusedata.corpus import read_corpus
     from fusedata.extract import ExtractConfig, ExtractStage, batch_by_budget
 
-    stage = ExtractStage(ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens))
+    backend = "vllm" if mode == "vllm" else "hf"
+    stage = ExtractStage(ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
+                                       backend=backend))
+    t_setup = time.perf_counter()
     stage.setup()
+    setup_s = time.perf_counter() - t_setup
     docs, _ = read_corpus([corpus])
     wins = stage.windows(docs)
     batches = [[wins[i].ids for i in b] for b in batch_by_budget([len(w.ids) for w in wins], batch_tokens)]
     tokens = sum(len(w.ids) for w in wins)
+    if mode == "vllm":
+        stage.forward(batches[-1])  # the engine's first request is slow (warm-up)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     for seqs in batches:
-        if mode == "extract":
+        if mode in ("extract", "vllm"):
             stage.forward(seqs)
         else:
             T = max(len(s) for s in seqs)
@@ -49,7 +60,10 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
             with torch.inference_mode():
                 _ = stage.model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     seconds = time.perf_counter() - t0
+    if stage.engine is not None:
+        stage.engine.close()
     return {
+        "setup_s": setup_s,
         "tokens": tokens,
         "tok_s": tokens / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -71,6 +85,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=2048, help="8 x 256; a bare forward materialises [B,T,V]")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--per-domain", type=int, default=4)
+    p.add_argument("--vllm", action="store_true", help="also time --backend vllm on the same batches")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -83,21 +98,35 @@ def main() -> None:
     corpus = str(Path(tempfile.mkdtemp()) / "corpus.jsonl")
     build_demo_corpus(Path(corpus), per_domain=args.per_domain, max_chars=1500)
     rows = []
+    vllm_rows = []
+    modes = ("bare", "extract", "vllm") if args.vllm else ("bare", "extract")
     for model in args.models:
-        runs: dict[str, list[dict]] = {"extract": [], "bare": []}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.rounds):
-            for mode in ("bare", "extract"):
+            for mode in modes:
                 runs[mode].append(run_one(model, mode, corpus, args))
         ext = statistics.median(r["tok_s"] for r in runs["extract"])
         bare = statistics.median(r["tok_s"] for r in runs["bare"])
         rows.append((model, runs["extract"][0]["tokens"], bare, ext, ext / bare,
                      max(r["peak_rss_mb"] for r in runs["bare"]), max(r["peak_rss_mb"] for r in runs["extract"])))
+        if args.vllm:
+            vl = statistics.median(r["tok_s"] for r in runs["vllm"])
+            vllm_rows.append((model, runs["vllm"][0]["tokens"], ext, vl, vl / ext,
+                              statistics.median(r["setup_s"] for r in runs["extract"]),
+                              statistics.median(r["setup_s"] for r in runs["vllm"])))
     print(f"\nextract vs bare forward — fp32 CPU, batches of {args.batch_tokens} tokens, windows ≤ {args.max_length}, "
           f"k={args.top_k}, median of {args.rounds} alternating rounds\n")
     print("| model | tokens | bare forward tok/s | extract tok/s | extract ÷ bare | peak RSS bare (MB) | peak RSS extract (MB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for m, n, b, e, r, rb, re_ in rows:
         print(f"| {m} | {n} | {b:,.0f} | {e:,.0f} | {r:.2f} | {rb:,.0f} | {re_:,.0f} |")
+    if vllm_rows:
+        print(f"\nextract --backend vllm vs hf — same windows and batches, fp32 CPU, k={args.top_k}, "
+              f"median of {args.rounds} alternating rounds (vLLM timed after one warm-up batch)\n")
+        print("| model | tokens | hf extract tok/s | vllm extract tok/s | vllm ÷ hf | hf setup (s) | vllm engine start (s) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for m, n, h, v, r, sh, sv in vllm_rows:
+            print(f"| {m} | {n} | {h:,.0f} | {v:,.0f} | {r:.2f} | {sh:.1f} | {sv:.1f} |")
 
 
 if __name__ == "__main__":
