@@ -36,7 +36,10 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
     for spec in inputs:
         p = Path(spec)
         if p.is_dir():
-            members = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+            # like pyarrow's dataset reader, skip "_" and "." names: a fusedata folder's
+            # _manifest.json / _run.json and half-written temporaries are not documents
+            members = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES
+                             and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
             if not members:
                 raise UsageError(f"{spec}: folder holds no .jsonl, .parquet or .txt files")
             found += [(f, f.relative_to(p).as_posix()) for f in members]

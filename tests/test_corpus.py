@@ -82,6 +82,10 @@ def test_text_files_glob_and_folder(tmp_path):
     (d / "a.md").write_text("# title\nbody", encoding="utf-8")
     (d / "sub" / "c.txt").write_text("sea", encoding="utf-8")
     (d / "ignored.bin").write_bytes(b"\x00\x01")
+    (d / "_manifest.json").write_text("{}", encoding="utf-8")  # a fusedata folder's bookkeeping
+    (d / ".b.txt.tmp-1").write_text("half written", encoding="utf-8")
+    (d / "_old").mkdir()
+    (d / "_old" / "x.txt").write_text("skipped too", encoding="utf-8")
     docs, stats = read_corpus([str(d)])
     # a folder: every supported file under it, sorted, ids relative to the folder
     assert _rows(docs) == [("a.md", "# title\nbody"), ("b.txt", "bee text\nsecond line"), ("sub/c.txt", "sea")]
@@ -89,7 +93,7 @@ def test_text_files_glob_and_folder(tmp_path):
     globbed, _ = read_corpus([str(d / "*.txt")])
     assert _rows(globbed) == [("b.txt", "bee text\nsecond line")]
     recursive, _ = read_corpus([str(d / "**" / "*.txt")])
-    assert [i for i, _ in _rows(recursive)] == ["b.txt", "c.txt"]
+    assert [i for i, _ in _rows(recursive)] == ["x.txt", "b.txt", "c.txt"]  # a glob takes what it names
     mixed, _ = read_corpus([str(d / "a.md"), str(d / "sub" / "c.txt")])
     assert [i for i, _ in _rows(mixed)] == ["a.md", "c.txt"]
 
