@@ -116,13 +116,22 @@ def demo_corpus(output, per_domain, max_chars, skip):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts into this folder.")
 def inspect_cmd(path, as_json, plot_dir):
-    """Summarise any fusedata dataset folder (topk, aligned, fused)."""
+    """Summarise any fusedata dataset folder (topk, aligned, fused) or an explore folder."""
     import json
 
-    from fusedata.inspect import plot, render, summarize
+    from fusedata.explore.report import is_explore_dir
 
-    summary = summarize(path)
-    click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+    if is_explore_dir(path):
+        from fusedata.explore.report import load_tree, render_explore, summarize_explore
+        from fusedata.explore.report import plot_explore as plot
+
+        summary = summarize_explore(path)
+        click.echo(json.dumps(summary, indent=2) if as_json else render_explore(summary, load_tree(path)))
+    else:
+        from fusedata.inspect import plot, render, summarize
+
+        summary = summarize(path)
+        click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
     if plot_dir:
         for f in plot(path, plot_dir):
             click.echo(f"wrote {f}", err=True)
@@ -158,7 +167,7 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(file_okay=False), help="A fused dataset.")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="A fused dataset, or an sft dataset (explore/sft).")
 @click.option("--model", required=True, help="The target model (spec as for extract).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed if present).")
 @click.option("--lam", default=0.9, show_default=True, help="Weight of the CLM loss; 1.0 = plain CLM baseline.")
@@ -167,6 +176,8 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
 @click.option("--max-steps", default=0, help="Optimizer steps (0: --epochs passes over the data).")
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--batch-tokens", default=2048, show_default=True, help="Padded tokens per micro-batch.")
+@click.option("--max-length", default=1024, show_default=True,
+              help="sft data: tokens per prompt + response pair; longer pairs are cut.")
 @click.option("--grad-accum", default=1, show_default=True)
 @click.option("--clip", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -174,15 +185,20 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
 @click.option("--save-every", default=0, help="Checkpoint every N steps (0: at the end).")
 @click.option("--threads", default=0)
-def train(data, model, output, lam, lr, warmup_steps, max_steps, epochs, batch_tokens, grad_accum, clip, seed,
-          device, dtype, save_every, threads):
-    """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k."""
+def train(data, model, output, lam, lr, warmup_steps, max_steps, epochs, batch_tokens, max_length, grad_accum, clip,
+          seed, device, dtype, save_every, threads):
+    """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k.
+
+    On an sft dataset (prompt/response pairs from `fusedata explore`): completion-only CLM, the
+    loss on the response tokens only (λ is 1 there).
+    """
     from fusedata.train import TrainConfig
     from fusedata.train import train as run_train
 
     cfg = TrainConfig(data=data, model=model, output=output, lam=lam, lr=lr, warmup_steps=warmup_steps,
-                      max_steps=max_steps, epochs=epochs, batch_tokens=batch_tokens, grad_accum=grad_accum,
-                      clip=clip, seed=seed, device=device, dtype=dtype, save_every=save_every, threads=threads)
+                      max_steps=max_steps, epochs=epochs, batch_tokens=batch_tokens, max_length=max_length,
+                      grad_accum=grad_accum, clip=clip, seed=seed, device=device, dtype=dtype, save_every=save_every,
+                      threads=threads)
     result = run_train(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(f"{output}: {result['steps']} steps, {result['tokens']:,} tokens, final loss {result['final_loss']:.4f}",
                err=True)
@@ -244,3 +260,7 @@ main.add_command(publish)
 
 if __name__ == "__main__":
     main()
+
+from cli.explore_cmd import explore  # noqa: E402
+
+main.add_command(explore)

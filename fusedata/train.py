@@ -1,4 +1,4 @@
-"""The bundled trainer: distil a fused dataset into one target model.
+"""The bundled trainer: distil a fused dataset into one target model, or fine-tune it on SFT pairs.
 
 loss = λ·CLM + (1−λ)·distill, where distill is the cross-entropy toward the fused *sparse*
 target: the stored top-k ids carry probabilities q_i and the tail carries t = 1 − Σq_i, so
@@ -11,6 +11,16 @@ target is ever built. λ = 1 is plain causal-LM training with the very same comm
 The loop reads top to bottom: stream batches → forward → loss → backward (accumulate) → clip →
 AdamW step with warm-up + cosine decay → log → checkpoint. Data order is a pure function of
 the seed, so a resumed run skips the batches already seen and continues exactly.
+
+An "sft" dataset (`fusedata explore`'s prompt/response pairs) is trained with a completion-only
+CLM loss (λ = 1: there is no distillation target). Each pair is tokenised with the target's own
+tokenizer in the format the target will be prompted with (`sft_text`):
+- with a chat template: a user turn (prompt) and an assistant turn (response); the prompt part is
+  the user turn with the generation prompt (`add_generation_prompt=True`);
+- without one: `"Question: {prompt}\nAnswer: {response}"` + EOS; the prompt part is
+  `"Question: {prompt}\nAnswer:"`.
+Labels are -100 on the prompt part, so only response tokens are learned; pairs are cut to
+`max_length` tokens and a pair whose response does not fit at all is dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: one pass over the data (epochs × batches / accumulation)
     epochs: int = 1
     batch_tokens: int = 2048  # padded tokens per micro-batch
+    max_length: int = 1024  # sft data: tokens per pair (prompt + response); longer pairs are cut
     grad_accum: int = 1
     clip: float = 1.0
     weight_decay: float = 0.0
@@ -86,6 +97,72 @@ def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, 
     return rows
 
 
+def sft_text(tokenizer: Any, prompt: str, response: str) -> tuple[str, str]:
+    """(prompt part, whole pair) as text, in the format the target will be prompted with: its chat
+    template's user + assistant turns if it has one, else plain "Question: ... Answer: ..." + EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        return head, whole
+    return f"Question: {prompt}\nAnswer:", f"Question: {prompt}\nAnswer: {response}{tokenizer.eos_token or ''}"
+
+
+def sft_rows(data_dir: str, shard: str, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """The pairs of one sft shard as windows: input_ids, and labels (length n-1 as in fused rows)
+    that are -100 except where the next token is a response token. A pair whose response does
+    not fit in `max_length` is dropped (it has nothing to learn)."""
+    table = pq.read_table(Path(data_dir) / shard, columns=["prompt", "response"])
+    responses = table.column("response").to_pylist()
+    texts = [sft_text(tokenizer, p, r) for p, r in zip(table.column("prompt").to_pylist(), responses, strict=True)]
+    if not texts:
+        return []
+    special = not getattr(tokenizer, "chat_template", None)  # a chat template writes its own BOS
+    heads = tokenizer([h for h, _ in texts], add_special_tokens=special)["input_ids"]
+    wholes = tokenizer([w for _, w in texts], add_special_tokens=special)["input_ids"]
+    limit = min(max_length, tokenizer.model_max_length)
+    rows = []
+    for (head, whole), response, head_ids, ids in zip(texts, responses, heads, wholes, strict=True):
+        if ids[: len(head_ids)] != head_ids:  # a token spans the boundary: tokenise the two parts apart
+            rest = whole[len(head):] if whole.startswith(head) else response
+            ids = head_ids + tokenizer(rest, add_special_tokens=False)["input_ids"]
+        ids = ids[:limit]
+        p = max(len(head_ids), 1)
+        if len(ids) <= p:
+            continue
+        rows.append({"input_ids": ids, "labels": [-100] * (p - 1) + ids[p:]})  # labels[i] predicts ids[i+1]
+    return rows
+
+
+@dataclass
+class ShardSource:
+    """A dataset's shards as training windows, for either kind. The last shard read is kept, so
+    an sft shard that is planned and then streamed (see `epoch_plan`) is tokenised once."""
+
+    data_dir: str
+    kind: str = "fused"
+    need_topk: bool = False
+    tokenizer: Any = None  # sft only
+    max_length: int = 1024  # sft only
+    _last: tuple[str, list[dict[str, Any]]] | None = field(default=None, repr=False)
+
+    def rows(self, shard: str) -> list[dict[str, Any]]:
+        if self._last is None or self._last[0] != shard:
+            if self.kind == "sft":
+                rows = sft_rows(self.data_dir, shard, self.tokenizer, self.max_length)
+            else:
+                rows = shard_windows(self.data_dir, shard, self.need_topk)
+            self._last = (shard, rows)
+        return self._last[1]
+
+    def lengths(self, shard: str) -> list[int]:
+        """Window lengths; a fused shard not in memory is planned from its input_ids column alone."""
+        if self.kind == "sft" or (self._last is not None and self._last[0] == shard):
+            return [len(r["input_ids"]) for r in self.rows(shard)]
+        col = pq.read_table(Path(self.data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
+        return col.value_lengths().to_numpy(zero_copy_only=False).tolist()
+
+
 def pack(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
     """Shuffle window indices, then pack them greedily into micro-batches by padded tokens."""
     order = list(range(len(lengths)))
@@ -104,30 +181,32 @@ def pack(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list
     return batches
 
 
-def epoch_plan(data_dir: str, shards: list[str], batch_tokens: int, seed: int, epoch: int) -> list[tuple[str, list[list[int]]]]:
-    """Per epoch: a seeded shard order and, per shard, its micro-batches (window indices).
-    Reads only the input_ids lengths, so planning is cheap and memory stays flat."""
+def epoch_plan(source: ShardSource | str, shards: list[str], batch_tokens: int, seed: int,
+               epoch: int) -> Iterator[tuple[str, list[list[int]]]]:
+    """Per epoch: a seeded shard order and, per shard, its micro-batches (window indices); a str
+    is a fused dataset folder. Planned lazily, shard by shard, so the shard just planned is the
+    one streamed next (read once); fused shards are planned from lengths alone, memory stays flat."""
+    if isinstance(source, str):
+        source = ShardSource(source)
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(shards)
     rng.shuffle(order)
-    plan = []
     for shard in order:
-        col = pq.read_table(Path(data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
-        plan.append((shard, pack(col.value_lengths().to_numpy(zero_copy_only=False).tolist(), batch_tokens, rng)))
-    return plan
+        yield shard, pack(source.lengths(shard), batch_tokens, rng)
 
 
-def micro_batches(data_dir: str, shards: list[str], cfg: TrainConfig, skip: int) -> Iterator[list[dict[str, Any]]]:
+def micro_batches(source: ShardSource, shards: list[str], cfg: TrainConfig,
+                  skip: int) -> Iterator[list[dict[str, Any]]]:
     """Micro-batches in training order, forever (epochs repeat with new seeds), skipping the
     first `skip` (a resumed run). One shard is held in memory at a time."""
     seen = 0
     epoch = 0
     while True:
-        for shard, batches in epoch_plan(data_dir, shards, cfg.batch_tokens, cfg.seed, epoch):
+        for shard, batches in epoch_plan(source, shards, cfg.batch_tokens, cfg.seed, epoch):
             if seen + len(batches) <= skip:
                 seen += len(batches)
                 continue
-            windows = shard_windows(data_dir, shard, need_topk=cfg.lam < 1.0)
+            windows = source.rows(shard)
             for b in batches:
                 if seen >= skip:
                     yield [windows[i] for i in b]
@@ -213,7 +292,12 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
 
     if not 0.0 <= cfg.lam <= 1.0:
         raise UsageError("--lam must be between 0 and 1")
-    manifest = open_dataset(cfg.data, "fused")
+    manifest = open_dataset(cfg.data)
+    if manifest.kind not in ("fused", "sft"):
+        raise UsageError(f"{cfg.data}: is a '{manifest.kind}' dataset; expected a fused or sft dataset")
+    sft = manifest.kind == "sft"
+    if sft:  # no distillation target; λ = 1 also in the checkpoint's identity, so --lam never blocks a resume
+        cfg = replace(cfg, lam=1.0)
     out = Path(cfg.output)
     state_file = out / STATE_NAME
     state: dict[str, Any] = {"step": 0, "tokens": 0}
@@ -222,13 +306,13 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         raise UsageError(f"{out} exists and is not a fusedata checkpoint; choose another --output")
     if resume:
         state = json.loads(state_file.read_text())
-        if state["config"] != _config_identity(cfg):
+        if not _same_run(state["config"], cfg):
             raise UsageError(f"{out} holds a checkpoint of a different training run; choose another --output")
         ref = resolve(str(out))
     else:
         ref = resolve(cfg.model)
     tokenizer = load_tokenizer(ref)
-    if tokenizer_hash(tokenizer) != manifest.run.get("tokenizer_hash"):
+    if not sft and tokenizer_hash(tokenizer) != manifest.run.get("tokenizer_hash"):
         raise UsageError(f"{cfg.data} was made for another tokenizer than {cfg.model}'s")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -243,13 +327,22 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         torch.set_rng_state(torch.load(out / "rng.pt", weights_only=True))
 
     shards = [sh.name for sh in manifest.shards]
-    per_epoch = sum(len(b) for _, b in epoch_plan(cfg.data, shards, cfg.batch_tokens, cfg.seed, 0))
+    source = ShardSource(cfg.data, manifest.kind, cfg.lam < 1.0, tokenizer, cfg.max_length)
+    plan = list(epoch_plan(source, shards, cfg.batch_tokens, cfg.seed, 0))
+    per_epoch = sum(len(b) for _, b in plan)
+    if not per_epoch:
+        raise UsageError(f"{cfg.data}: no rows to train on")
+    if sft:
+        kept = sum(len(ix) for _, b in plan for ix in b)
+        dropped = manifest.rows - kept
+        note = f", {dropped} dropped (no response token within --max-length)" if dropped else ""
+        log(f"sft data: {kept} pairs{note}; completion-only CLM (λ=1)")
     total_steps = cfg.max_steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
     step, tokens = int(state["step"]), int(state["tokens"])
     history: list[dict[str, float]] = state.get("history", [])
     t0 = time.perf_counter()
     tokens_at_start = tokens
-    stream = micro_batches(cfg.data, shards, cfg, skip=step * cfg.grad_accum)
+    stream = micro_batches(source, shards, cfg, skip=step * cfg.grad_accum)
     while step < total_steps:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
@@ -292,6 +385,13 @@ def _config_identity(cfg: TrainConfig) -> dict[str, Any]:
     for key in ("output", "save_every", "log_every", "threads", "device"):
         d.pop(key)
     return d
+
+
+def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's identity is this run's. A checkpoint written before a field existed
+    lacks it and ran with its default, so missing keys count as defaults (old runs stay resumable)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {**defaults, **saved} == {**defaults, **_config_identity(cfg)}
 
 
 def save_checkpoint(model: Any, tokenizer: Any, optim: Any, out: Path, state: dict[str, Any]) -> None:
