@@ -93,10 +93,9 @@ def render(summary: dict[str, Any]) -> str:
 
 def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
     """PNG charts of a dataset; returns the files written."""
-    import matplotlib
+    from fusedata.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = summarize(path)
     folder, out = Path(path), Path(out_dir)
@@ -105,11 +104,7 @@ def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        target = out / name
-        fig.tight_layout()
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
+        written.append(save_png(fig, out / name))
 
     sizes = summary["column_bytes"]
     fig, ax = plt.subplots(figsize=(7, 3.5))

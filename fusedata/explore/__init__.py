@@ -1,0 +1,1 @@
+"""`fusedata explore`: Bohdi synthetic data by domain-tree exploration."""

@@ -1,0 +1,90 @@
+"""One model as explore uses it: batched generation and label scoring, loaded once.
+
+The same object serves in-process and inside a Ray actor (jobs/explore_ray.py). Sampling is
+seeded per call, so a resumed run regenerates a killed round identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fusedata.explore.prompts import JUDGE_LABELS, answer_prompt, clean_answer, first_line
+
+
+class TextModel:
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8, threads: int = 0) -> None:
+        import torch
+
+        from fusedata.models.spec import load_model, load_tokenizer, resolve
+
+        if threads:
+            torch.set_num_threads(threads)
+        ref = resolve(spec)
+        self.name = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(ref)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = load_model(ref, device, "float32")
+        self.label_ids = [self._label_id(c) for c in JUDGE_LABELS]
+
+    def _label_id(self, letter: str) -> int:
+        """The token a model would write after 'Answer' for this letter (' A', '▁A', ...)."""
+        ids = self.tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
+        return int(ids[-1] if len(ids) > 1 and self.tokenizer.decode(ids[:1]).strip() == "" else ids[0])
+
+    def _chunks(self, prompts: list[str]) -> list[list[int]]:
+        """Prompt indices in length order, batch_size at a time (less padding per batch)."""
+        lengths = [len(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 one_line: bool = False) -> list[str]:
+        """Continuations of each prompt (greedy at temperature 0). one_line: stop at a line break."""
+        import torch
+
+        out: list[str] = [""] * len(prompts)
+        tok = self.tokenizer
+        tok.padding_side = "left"  # generation appends on the right
+        for c, chunk in enumerate(self._chunks(prompts)):
+            enc = tok([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(self.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+            if temperature > 0:
+                torch.manual_seed(seed * 1_000_003 + c)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=0.95, top_k=0)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if one_line:
+                kwargs.update(stop_strings=["\n"], tokenizer=tok)
+            with torch.no_grad():
+                ids = self.model.generate(**enc, **kwargs)  # [b, prompt + new]
+            new = ids[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(chunk, new, strict=True):
+                text = tok.decode(row, skip_special_tokens=True)
+                out[i] = first_line(text) if one_line else text
+        return out
+
+    def answer(self, questions: list[str], max_new_tokens: int) -> list[str]:
+        prompts = [answer_prompt(self.tokenizer, q) for q in questions]
+        return [clean_answer(t) for t in self.generate(prompts, max_new_tokens)]
+
+    def label_scores(self, prompts: list[str], n_labels: list[int]) -> list[list[float]]:
+        """For each prompt, the model's probabilities of the next token being ' A', ' B', ...
+        (the first n_labels[i] letters), renormalised over those letters."""
+        import torch
+
+        tok = self.tokenizer
+        tok.padding_side = "right"  # the last real position is then at length − 1
+        scores: list[list[float]] = [[] for _ in prompts]
+        for chunk in self._chunks(prompts):
+            enc = tok([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**enc).logits  # [b, T, V]
+            last = enc["attention_mask"].sum(1) - 1  # [b]
+            logp = torch.log_softmax(logits[torch.arange(len(chunk)), last].float(), dim=-1)  # [b, V]
+            for row, i in enumerate(chunk):
+                ids = torch.tensor(self.label_ids[: n_labels[i]])
+                scores[i] = torch.softmax(logp[row, ids], dim=-1).tolist()  # [n_labels]
+        return scores
