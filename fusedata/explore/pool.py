@@ -19,19 +19,21 @@ class ModelPool(Protocol):
 class LocalPool:
     """Every model in this process, loaded on first use."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 8, threads: int = 0) -> None:
-        self.device, self.batch_size, self.threads = device, batch_size, threads
+    def __init__(self, device: str = "cpu", batch_size: int = 8, threads: int = 0, backend: str = "hf") -> None:
+        self.device, self.batch_size, self.threads, self.backend = device, batch_size, threads, backend
         self.models: dict[str, Any] = {}
 
     def model(self, spec: str) -> Any:
         if spec not in self.models:
-            from fusedata.explore.textmodel import TextModel
+            from fusedata.explore.textmodel import load_text_model
 
-            self.models[spec] = TextModel(spec, self.device, self.batch_size, self.threads)
+            self.models[spec] = load_text_model(spec, self.backend, self.device, self.batch_size, self.threads)
         return self.models[spec]
 
     def call(self, calls: list[Call]) -> list[Any]:
         return [getattr(self.model(spec), method)(*args) for spec, method, args in calls]
 
     def close(self) -> None:
+        for model in self.models.values():
+            model.close()
         self.models.clear()

@@ -55,6 +55,7 @@ class ExploreConfig:
     rejudge: float = 0.25  # share of judgements repeated with the answers in reverse order
     bandit: BanditConfig = field(default_factory=BanditConfig)
     device: str = "cpu"
+    backend: str = "hf"  # generation: "hf" (transformers) or "vllm"
     overwrite: bool = False
 
     @property
@@ -70,7 +71,7 @@ def run_identity(cfg: ExploreConfig) -> dict[str, Any]:
     """What must match to resume: everything that shapes the choices, not the budget (raise it
     to explore further), the output path or the device."""
     d = asdict(cfg)
-    for key in ("output", "budget", "device", "overwrite", "batch"):
+    for key in ("output", "budget", "device", "backend", "overwrite", "batch"):
         d.pop(key)
     d["judge"] = cfg.judge_model
     d["stage"] = "explore"
@@ -93,6 +94,8 @@ def validate(cfg: ExploreConfig) -> None:
     unknown = [s for s in cfg.styles if s not in STYLES]
     if unknown or not cfg.styles:
         raise UsageError(f"unknown question style {unknown[0] if unknown else ''!r}; choose from {', '.join(STYLES)}")
+    if cfg.backend not in ("hf", "vllm"):
+        raise UsageError(f"unknown backend {cfg.backend!r}: use hf or vllm")
     if not 0.0 <= cfg.rejudge <= 1.0:
         raise UsageError("--rejudge must be between 0 and 1")
 
@@ -298,7 +301,7 @@ def explore(cfg: ExploreConfig, pool: ModelPool | None = None, log: Any = print)
     for name in ("sft", "docs"):  # a continued run lists its new shards when it finishes
         (out / name / MANIFEST_NAME).unlink(missing_ok=True)
     own_pool = pool is None
-    pool = pool or LocalPool(cfg.device)
+    pool = pool or LocalPool(cfg.device, backend=cfg.backend)
     try:
         while state.harvested < cfg.budget:
             if descend(tree, rng) is None:

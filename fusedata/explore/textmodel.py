@@ -70,6 +70,9 @@ class TextModel:
         prompts = [answer_prompt(self.tokenizer, q) for q in questions]
         return [clean_answer(t) for t in self.generate(prompts, max_new_tokens)]
 
+    def close(self) -> None:
+        """Nothing to release: the weights go with the object."""
+
     def label_scores(self, prompts: list[str], n_labels: list[int]) -> list[list[float]]:
         """For each prompt, the model's probabilities of the next token being ' A', ' B', ...
         (the first n_labels[i] letters), renormalised over those letters."""
@@ -88,3 +91,68 @@ class TextModel:
                 ids = torch.tensor(self.label_ids[: n_labels[i]])
                 scores[i] = torch.softmax(logp[row, ids], dim=-1).tolist()  # [n_labels]
         return scores
+
+
+class VllmTextModel(TextModel):
+    """The same model served by vLLM (`make vllm`), in a child process of its own environment
+    (fusedata/vllm_backend.py). Prompts are tokenised here with the model's own tokenizer, so
+    both backends see the same token ids; label scores are the prompt log-prob of each label
+    appended to the prompt."""
+
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8, threads: int = 0,
+                 max_model_len: int = 2048, kv_cache_gb: float = 1.0) -> None:
+        from fusedata.models.spec import load_tokenizer, resolve
+        from fusedata.vllm_backend import VllmEngine
+
+        ref = resolve(spec)
+        self.name = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(ref)
+        self.label_ids = [self._label_id(c) for c in JUDGE_LABELS]
+        self.max_model_len = max_model_len
+        self.engine = VllmEngine(ref.path, max_logprobs=1, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                                 threads=f"0-{threads - 1}" if threads else "")
+
+    def _ids(self, prompts: list[str], room: int) -> list[list[int]]:
+        """Token ids of each prompt, cut from the left so that `room` more tokens fit."""
+        keep = self.max_model_len - room
+        return [ids[-keep:] for ids in self.tokenizer(prompts)["input_ids"]]
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 one_line: bool = False) -> list[str]:
+        new = self.engine.generate(self._ids(prompts, max_new_tokens), max_new_tokens, temperature,
+                                   seed * 1_000_003, ["\n"] if one_line else None)
+        texts = [self.tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in new]
+        return [first_line(t) if one_line else t for t in texts]
+
+    def label_scores(self, prompts: list[str], n_labels: list[int]) -> list[list[float]]:
+        import numpy as np
+
+        seqs, owner = [], []
+        for i, ids in enumerate(self._ids(prompts, 1)):
+            for label in self.label_ids[: n_labels[i]]:
+                seqs.append(np.asarray(ids + [label], np.int32))  # the label's log-prob is the last position's gold
+                owner.append(i)
+        gold = [float(w.gold_logprob[-1]) for w in self.engine.topk(seqs, 1)]
+        scores: list[list[float]] = []
+        for i in range(len(prompts)):
+            lp = np.asarray([g for g, o in zip(gold, owner, strict=True) if o == i], np.float64)  # [n_labels]
+            p = np.exp(lp - lp.max())
+            scores.append((p / p.sum()).tolist())
+        return scores
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def load_text_model(spec: str, backend: str = "hf", device: str = "cpu", batch_size: int = 8,
+                    threads: int = 0) -> TextModel:
+    """A model for explore on the chosen backend: "hf" (transformers) or "vllm"."""
+    if backend == "vllm":
+        return VllmTextModel(spec, device, batch_size, threads)
+    if backend != "hf":
+        from fusedata.errors import UsageError
+
+        raise UsageError(f"unknown backend {backend!r}: use hf or vllm")
+    return TextModel(spec, device, batch_size, threads)
