@@ -5,7 +5,9 @@ temp dir) and driven by `python -m cli.main ... --address` subprocesses: `init_r
 process-global, so a client in this pytest process would clash with the other Ray tests.
 Checked: extract and align on the cluster equal the local run; a worker process killed
 mid-extract is restarted and the output is still identical; a driver killed with SIGKILL
-mid-run resumes on the next identical command with no duplicate or missing rows.
+mid-run resumes on the next identical command with no duplicate or missing rows. A second,
+one-node cluster with the job server takes the README's `ray job submit --working-dir . --
+python -m jobs.run_pipeline FILE` through the real `ray` CLI.
 
 Teardown kills exactly the processes of this cluster (found by its temp dir and their
 children), not `ray stop --force`, which would also stop every other Ray on the machine.
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +66,8 @@ def _env() -> dict[str, str]:
 class LocalCluster:
     """Head + one worker node on 127.0.0.1, each with one CPU."""
 
+    env = staticmethod(_env)  # the environment `ray start` passes on to every process of the cluster
+
     def __init__(self) -> None:
         self.temp = tempfile.mkdtemp(prefix="fdray-", dir="/tmp")  # short: Ray's socket paths have a limit
         self.port = _free_port()
@@ -83,7 +89,7 @@ class LocalCluster:
         raise RuntimeError(f"the two-node cluster did not come up: {out.stdout}{out.stderr}")
 
     def _ray(self, *args: str) -> None:
-        out = subprocess.run([str(BIN / "ray"), *args], env=_env(), capture_output=True, text=True, timeout=120)
+        out = subprocess.run([str(BIN / "ray"), *args], env=self.env(), capture_output=True, text=True, timeout=120)
         self.processes()
         if out.returncode:
             raise RuntimeError(f"ray {' '.join(args)} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
@@ -183,6 +189,110 @@ def assert_same(a: Path, b: Path, columns: tuple[str, ...] = ("doc_id", "window"
 
 
 TOPK_COLUMNS = ("doc_id", "window", "byte_start", "byte_end", "input_ids", "token_start", "token_end")
+
+
+def _job_env() -> dict[str, str]:
+    """`_env` as on a user's cluster node: this venv's bin first on PATH, because the job server runs
+    the entrypoint through a shell and its `python` must have fusedata's dependencies; no
+    PYTHONPATH, so `jobs` and `fusedata` come from the uploaded working dir (the entrypoint's cwd)."""
+    env = _env()
+    del env["PYTHONPATH"]
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    return env
+
+
+class JobCluster(LocalCluster):
+    """One head node on 127.0.0.1 with two CPUs and the job server (the dashboard) on a free port;
+    the two-node cluster above starts without a dashboard."""
+
+    env = staticmethod(_job_env)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dashboard_port = _free_port()
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self) -> None:
+        self._ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                  f"--temp-dir={self.temp}", "--disable-usage-stats")
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError as exc:
+                if time.time() > deadline:
+                    raise RuntimeError(f"no job server at {self.url}: {exc}") from None
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def job_cluster():
+    """Function scope, so it is gone before the two-node cluster starts (2 cores)."""
+    c = JobCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        left = c.stop()
+        assert not left, f"cluster processes left running: {left}"
+
+
+JOB_PIPELINE = """
+[pipeline]
+output = "{out}"
+top_k = {k}
+workers = 2
+
+[corpus]
+inputs = ["{corpus}"]
+docs_per_shard = 2
+
+[models]
+target = {{ name = "llama", model = "{llama}" }}
+sources = [{{ name = "gemma", model = "{gemma}" }}]
+
+[extract]
+max_length = 24
+batch_tokens = 256
+
+[align]
+cache_dir = "{vocab}"
+"""
+
+
+def test_job_submit_pipeline_equals_local(job_cluster, tiny_llama, tiny_gemma, corpus_file, tmp_path):
+    """The README's command, as a user types it in the repo root: extract x2, align and fuse run as a
+    Ray job (driver and actors in the uploaded working dir) and equal a local run of the same file;
+    the upload holds the sources, not the venv, the outputs or .git."""
+    from fusedata.pipeline import run_pipeline
+
+    for name in ("local", "job"):
+        (tmp_path / f"{name}.toml").write_text(JOB_PIPELINE.format(
+            out=tmp_path / name, k=K, corpus=corpus_file, llama=tiny_llama, gemma=tiny_gemma, vocab=tmp_path / "vocab"))
+    run_pipeline(tmp_path / "local.toml", log=lambda m: None)
+    ray, sid = str(BIN / "ray"), f"fusedata-test-{uuid.uuid4().hex[:12]}"
+    submit = subprocess.run([ray, "job", "submit", "--address", job_cluster.url, "--submission-id", sid,
+                             "--working-dir", ".", "--", "python", "-m", "jobs.run_pipeline", str(tmp_path / "job.toml")],
+                            cwd=ROOT, env=_job_env(), capture_output=True, text=True, timeout=420)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    status = subprocess.run([ray, "job", "status", "--address", job_cluster.url, sid], env=_job_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert f"Job '{sid}' succeeded" in status.stdout, status.stdout + status.stderr  # JobStatus.SUCCEEDED
+    assert '"step": "fuse"' in submit.stdout  # the job's own summary, streamed back by `submit`
+
+    local, remote = tmp_path / "local", tmp_path / "job"
+    for name in ["topk/llama", "topk/gemma"]:
+        assert_same(local / name, remote / name, TOPK_COLUMNS)
+    assert_same(local / "aligned/gemma", remote / "aligned/gemma", ("doc_id", "window", "align_kind"))
+    assert_same(local / "fused", remote / "fused", ("doc_id", "window", "winner"))
+
+    unpacked = Path(job_cluster.temp) / "session_latest" / "runtime_resources" / "working_dir_files"
+    [pkg] = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]  # beside it: its .zip.lock
+    assert (pkg / "jobs" / "run_pipeline.py").is_file() and (pkg / "fusedata").is_dir()
+    assert not [n for n in (".venv", ".venv-vllm", "out", ".git") if (pkg / n).exists()]
 
 
 @pytest.fixture(scope="module")
