@@ -34,9 +34,10 @@ SFT_SCHEMA = with_kind(pa.schema([
     pa.field("reward", pa.int8(), nullable=False),
     pa.field("models", pa.list_(pa.string()), nullable=False),  # [M] answerers in the order shown to the judge
     pa.field("answers", pa.list_(pa.string()), nullable=False),  # [M] same order
-    pa.field("scores", pa.list_(pa.float32()), nullable=False),  # [M] judge's probability per answer
+    pa.field("scores", pa.list_(pa.float32()), nullable=False),  # [M] judge's probability per answer (re-judged: mean of both orders)
     pa.field("judge", pa.string(), nullable=False),
-    pa.field("swapped_winner", pa.string()),  # winner when re-judged in reversed order; null if not re-judged
+    pa.field("shown_winner", pa.string(), nullable=False),  # winner of the judgement in `models` order alone
+    pa.field("swapped_winner", pa.string()),  # winner of the reversed-order judgement alone; null if not re-judged
     pa.field("round", pa.int32(), nullable=False),
 ]), "sft", SFT_SCHEMA_VERSION)
 

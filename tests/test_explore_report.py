@@ -76,7 +76,7 @@ def write_sft(folder: Path) -> None:
     rows = [{"id": f"r{i // 3}-{i}", "prompt": "q?", "response": "a.", "domain_path": path, "style": "open",
              "leader": "src-a", "winner": winner, "source_won": won, "reward": int(won),
              "models": ["target", "src-a", "src-b"], "answers": ["a", "b", "c"], "scores": [0.2, 0.5, 0.3],
-             "judge": "judge-m", "swapped_winner": swapped, "round": i // 3}
+             "judge": "judge-m", "shown_winner": winner, "swapped_winner": swapped, "round": i // 3}
             for i, (path, winner, won, swapped) in enumerate(PAIRS)]
     pq.write_table(pa.Table.from_pylist(rows).cast(SFT_SCHEMA), folder / "shard-00000.parquet")
 

@@ -29,8 +29,10 @@ class ScriptedPool:
     """Text that depends only on (model, prompt, seed, position), like seeded sampling, and a
     judge giving 0.7 to the answer of `strong(call number)` wherever it is shown."""
 
-    def __init__(self, strong=lambda n: SOURCES[0], names=None, fail_after: int | None = None) -> None:
+    def __init__(self, strong=lambda n: SOURCES[0], names=None, fail_after: int | None = None,
+                 first_label: bool = False) -> None:
         self.strong, self.names, self.fail_after = strong, names, fail_after
+        self.first_label = first_label  # a judge that always prefers Answer A (pure position bias)
         self.calls = 0
         self.judged = 0
 
@@ -63,6 +65,8 @@ class ScriptedPool:
         shown = [line.split(": ", 1)[1].split(" says")[0] for line in prompt.splitlines() if line.startswith("Answer ")]
         assert len(shown) == n and all(f"Answer {JUDGE_LABELS[i]}:" in prompt for i in range(n))
         rest = 0.3 / (n - 1)
+        if self.first_label:
+            return [0.7] + [rest] * (n - 1)
         return [0.7 if m == strong else rest for m in shown]
 
     def close(self) -> None:
@@ -112,7 +116,7 @@ def test_sft_rows_follow_the_judgement(tmp_path):
         assert r["winner"] == "src-a" and r["source_won"] and r["reward"] == 1
         assert r["response"] == r["answers"][r["models"].index("src-a")] == f"src-a says: {r['prompt']}"
         assert r["scores"][r["models"].index("src-a")] == pytest.approx(0.7)
-        assert r["swapped_winner"] == "src-a"  # re-judged in reverse order, same winner
+        assert r["shown_winner"] == r["swapped_winner"] == "src-a"  # re-judged in reverse order, same winner
         assert tuple(r["domain_path"]) in leaves and r["leader"] in SOURCES and r["judge"] == "src-a"
     assert len({r["models"][0] for r in rows}) > 1  # the judge does not always see the same order
     docs = _read(out / "docs")
@@ -205,3 +209,17 @@ def test_a_posterior_that_the_recent_rewards_reject_is_reborn(tmp_path):
     assert solo.rebirths >= 1
     rewards_after = sum(e["reward"] for e in history[reborn_at[-1] + 1:])
     assert solo.alpha == 1 + 6 + rewards_after and solo.beta == 1
+
+
+def test_re_judging_averages_out_a_position_bias_and_measures_it(tmp_path):
+    out = tmp_path / "ex"
+    explore(_cfg(out, budget=6, rejudge=1.0), ScriptedPool(first_label=True), log=lambda m: None)
+    for r in _read(out / "sft"):
+        first, last = r["models"][0], r["models"][-1]
+        assert r["shown_winner"] == first and r["swapped_winner"] == last  # each pass picks label A
+        # mean of both orders: A-then-C and C-then-A tie at (0.7 + 0.15) / 2, the middle one keeps 0.15
+        assert r["scores"] == pytest.approx([0.425, 0.15, 0.425])
+        tied = [m for m in (TARGET, *SOURCES) if m in (first, last)]
+        assert r["winner"] == tied[0]  # a tie goes to the target, then the sources in order
+    manifest = open_dataset(out / "sft", "sft")
+    assert manifest.stats["judge_consistency"] == 0.0 and manifest.stats["rejudged"] == 6

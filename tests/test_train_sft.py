@@ -48,7 +48,7 @@ def write_sft(folder: Path, pairs: list[tuple[str, str]], per_shard: int = 3) ->
             "id": f"r{s // per_shard}-{i}", "prompt": p, "response": r, "domain_path": ["test", "leaf"],
             "style": "short", "leader": "a", "winner": "b", "source_won": True, "reward": 1,
             "models": ["a", "b"], "answers": ["x", r], "scores": [0.2, 0.8], "judge": "j",
-            "swapped_winner": None, "round": s // per_shard,
+            "shown_winner": "b", "swapped_winner": None, "round": s // per_shard,
         } for i, (p, r) in enumerate(pairs[s: s + per_shard])]
         name = f"shard-{s // per_shard:05d}.parquet"
         out.write_shard(name, pa.Table.from_pylist(rows, schema=SFT_SCHEMA), SFT_SCHEMA)

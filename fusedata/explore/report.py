@@ -15,7 +15,7 @@ from fusedata.explore.tree import Node, Tree
 
 STATE_KEYS = ("round", "harvested", "events", "budget")
 HISTORY_COLUMNS = ["event", "kind", "path", "success", "reward", "rebirths"]
-SFT_COLUMNS = ["winner", "source_won", "swapped_winner"]
+SFT_COLUMNS = ["winner", "source_won", "shown_winner", "swapped_winner"]
 
 
 def is_explore_dir(path: str | Path) -> bool:
@@ -111,7 +111,8 @@ def summarize_explore(path: str | Path) -> dict[str, Any]:
 
     sft = _read_shards(folder / "sft", SFT_COLUMNS)
     pairs = len(sft["winner"])
-    rejudged = [(w, s) for w, s in zip(sft["winner"], sft["swapped_winner"], strict=True) if s is not None]
+    # consistency: the winner of the order shown first survives the reversed order
+    rejudged = [(w, s) for w, s in zip(sft["shown_winner"], sft["swapped_winner"], strict=True) if s is not None]
     return {
         "path": str(folder),
         "kind": "explore",

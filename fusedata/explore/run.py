@@ -2,10 +2,11 @@
 
 A round: draw `batch` Thompson descents from the current posteriors; a descent that draws an
 `unk` sprouts (every source proposes names for the parent, a vote picks one) and goes on into
-the new child; the descents that reach a leaf harvest (a randomly drawn leader source writes a question in a
-randomly drawn style, the target and every source answer, the judge scores the answers shown
-in a random order, reward 1 if a source beat the target); posteriors are updated along each
-path, stale ones reborn. Each model call of a round is batched over all its prompts.
+the new child; the descents that reach a leaf harvest (a randomly drawn leader source writes a
+question in a randomly drawn style, the target and every source answer, the judge scores the
+answers shown in a random order, recorded; a share is judged again in reverse order and the
+scores averaged over both orders; reward 1 if a source beat the target); posteriors are updated
+along each path, stale ones reborn. Each model call of a round is batched over all its prompts.
 
 Checkpointing: a round writes its shards (named by round), then tree.json, then state.json
 last. A killed run resumes at the first round state.json does not record, with the RNG state
@@ -245,12 +246,14 @@ def harvest_round(pool: ModelPool, cfg: ExploreConfig, tree: Tree, leaves: list[
         shown_models = [cfg.answerers[o] for o in order]
         score_of = dict(zip(shown_models, scored[cursor], strict=True))
         cursor += 1
+        shown_winner = max(cfg.answerers, key=lambda a: score_of[a])  # ties: the target, then source order
         swapped = None
-        if rejudge[g]:
+        if rejudge[g]:  # both orders: the mean cancels a bias toward the first or the last label
             back = dict(zip(shown_models[::-1], scored[cursor], strict=True))
             cursor += 1
             swapped = max(cfg.answerers, key=lambda a: back[a])
-        winner = max(cfg.answerers, key=lambda a: score_of[a])  # ties: the target, then source order
+            score_of = {a: (score_of[a] + back[a]) / 2 for a in cfg.answerers}
+        winner = max(cfg.answerers, key=lambda a: score_of[a])
         reward = int(max(score_of[s] for s in cfg.sources) > score_of[cfg.target])
         reborn = update_path(tree, path, reward, cfg.bandit)
         pair_id = f"r{round_no:05d}-{len(rows):03d}"
@@ -259,7 +262,7 @@ def harvest_round(pool: ModelPool, cfg: ExploreConfig, tree: Tree, leaves: list[
             "style": styles[i], "leader": leaders[i], "winner": winner, "source_won": bool(reward),
             "reward": reward, "models": shown_models, "answers": [answers[a][g] for a in shown_models],
             "scores": [score_of[a] for a in shown_models], "judge": cfg.judge_model,
-            "swapped_winner": swapped, "round": round_no,
+            "shown_winner": shown_winner, "swapped_winner": swapped, "round": round_no,
         })
         events.append({"kind": "harvest", "path": path, "success": True, "reward": reward,
                        "detail": winner, "rebirths": reborn})
@@ -269,14 +272,15 @@ def harvest_round(pool: ModelPool, cfg: ExploreConfig, tree: Tree, leaves: list[
 def _finish(out: Path, run: dict[str, Any], state: State) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(out / "sft" / n, columns=["source_won", "winner", "swapped_winner"])
+    tables = [pq.read_table(out / "sft" / n, columns=["source_won", "winner", "shown_winner", "swapped_winner"])
               for n in state.sft_shards]
     table = pa.concat_tables(tables) if tables else None
     stats: dict[str, Any] = {"pairs": state.harvested, "rounds": state.round, "events": state.events}
     if table is not None and table.num_rows:
         won = table.column("source_won").to_pylist()
         winners, swapped = table.column("winner").to_pylist(), table.column("swapped_winner").to_pylist()
-        rejudged = [(w, s) for w, s in zip(winners, swapped, strict=True) if s is not None]
+        shown = table.column("shown_winner").to_pylist()
+        rejudged = [(w, s) for w, s in zip(shown, swapped, strict=True) if s is not None]
         stats.update(source_won=sum(won) / len(won), rejudged=len(rejudged),
                      judge_consistency=(sum(w == s for w, s in rejudged) / len(rejudged)) if rejudged else None,
                      winners={w: winners.count(w) for w in sorted(set(winners))})
