@@ -81,8 +81,17 @@ def test_real_explore_then_train_and_extract(tmp_path):
     assert open_dataset(tmp_path / "topk", "topk").rows == 3
 
 
+@pytest.fixture
+def ray_shutdown():
+    """The CLI runs in this process here: stop the Ray it starts, so later tests can start theirs."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.mark.ray
-def test_real_explore_on_ray(tmp_path):
+def test_real_explore_on_ray(tmp_path, ray_shutdown):
     out = tmp_path / "explore"
     _explore(out, "--budget", "1", "--executor", "ray")
     assert open_dataset(out / "sft", "sft").rows == 1
