@@ -30,7 +30,7 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="fusedata")
 def main() -> None:
-    """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train)."""
+    """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train; explore, publish)."""
 
 
 def _executor(executor: str, address: str | None, workers: int):
