@@ -31,6 +31,24 @@ TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
 ZSTD_LEVEL = 6
 
 
+# Where things were found on the machine that ran the stage: recorded, but not part of what a run
+# *is*, so moving the model cache (FUSEDATA_CACHE) or a dataset to another machine changes nothing.
+LOCATION_KEYS = frozenset({"model_path"})
+
+
+def run_key(run: Any) -> Any:
+    """A run's identity without location keys (at any depth)."""
+    if isinstance(run, dict):
+        return {k: run_key(v) for k, v in run.items() if k not in LOCATION_KEYS}
+    if isinstance(run, list):
+        return [run_key(v) for v in run]
+    return run
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return run_key(a) == run_key(b)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
@@ -103,13 +121,15 @@ class DatasetDir:
                 previous = Manifest.read(self.path).run
             if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
                 raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
-            if previous != run:
+            if not same_run(previous, run):
                 if not overwrite:
                     raise UsageError(
                         f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
                         "choose another folder or pass --overwrite"
                     )
                 shutil.rmtree(self.path)
+            elif previous != run and run_file.is_file():  # same run, model found elsewhere now
+                atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(TMP_GLOB):  # partial files of a killed run of this same run
             stale.unlink(missing_ok=True)
@@ -152,6 +172,7 @@ def _token_count(path: Path) -> int:
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    old, new = run_key(old), run_key(new)
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
     return f" (differs in {shown})" if shown else ""

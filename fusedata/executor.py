@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from fusedata.dataset import DatasetDir
+from fusedata.dataset import DatasetDir, same_run
 
 
 class Stage(Protocol):
@@ -110,7 +110,7 @@ def run_stage(
     from schemas.manifest import Manifest
 
     out = DatasetDir(output)
-    if out.is_complete() and Manifest.read(out.path).run == run:
+    if out.is_complete() and same_run(Manifest.read(out.path).run, run):
         log(f"{out.path}: already complete, nothing to do")
         return Manifest.read(out.path)
     out.begin(run, overwrite=overwrite)

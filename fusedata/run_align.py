@@ -245,9 +245,22 @@ class AlignJob:
     log: Any = field(default=print, repr=False)
 
 
+def _tokenizer_of(run: dict[str, Any], dataset: str) -> Any:
+    """The tokenizer a topk dataset was made with: from where the model was found then, else (a
+    moved cache, another machine) from its spec again; either way it must hash the same."""
+    from fusedata.models.spec import ModelRef, load_tokenizer, resolve, tokenizer_hash
+
+    path = run.get("model_path")
+    ref = ModelRef(run["model"], path) if path and Path(path).exists() else resolve(run["model"])
+    tok = load_tokenizer(ref)
+    if tokenizer_hash(tok) != run["tokenizer_hash"]:
+        raise UsageError(f"{dataset}: the tokenizer of {run['model']!r} found at {ref.path} is not the one the "
+                         "dataset was made with (tokenizer hash differs)")
+    return tok
+
+
 def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     from fusedata.models.cache import cache_root
-    from fusedata.models.spec import ModelRef, load_tokenizer
     from fusedata.vocab import token_texts, vocab_map
 
     executor = executor or LocalExecutor()
@@ -259,8 +272,8 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     source = open_dataset(job.source, "topk")
     if source.run.get("corpus_hash") != target.run.get("corpus_hash"):
         raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
-    tgt_tok = load_tokenizer(ModelRef(target.run["model"], target.run["model_path"]))
-    src_tok = load_tokenizer(ModelRef(source.run["model"], source.run["model_path"]))
+    tgt_tok = _tokenizer_of(target.run, job.target)
+    src_tok = _tokenizer_of(source.run, job.source)
     cache = Path(job.config.cache_dir) if job.config.cache_dir else cache_root().parent / "vocab"
     vmap = vocab_map(src_tok, tgt_tok, job.config.vocab, int(source.run["vocab_size"]), cache)
     # the workers load the map from a file named by its content, so a changed map is never stale

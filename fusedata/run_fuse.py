@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
-from fusedata.dataset import DatasetDir, open_dataset
+from fusedata.dataset import DatasetDir, open_dataset, run_key
 from fusedata.errors import UsageError
 from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.fuse import fuse, token_metric_ce
@@ -32,8 +32,9 @@ TARGET_KEYS = ("tokenizer_hash", "corpus_hash", "max_length", "docs_per_shard", 
 
 
 def run_digest(run: dict[str, Any]) -> str:
-    """A short identity of a run (used to tie derived datasets to their inputs)."""
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    """A short identity of a run (used to tie derived datasets to their inputs); where the model
+    was found (model_path) is not part of it."""
+    return hashlib.sha256(json.dumps(run_key(run), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_same_target(target: Manifest, target_path: str, other: Manifest, other_path: str) -> None:

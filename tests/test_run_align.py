@@ -414,3 +414,54 @@ def test_vocab_map_file_for_the_stage(extracted, tmp_path):
     assert len(run_maps) == 1 and len(cached) == 1
     assert np.array_equal(np.load(run_maps[0]), np.load(cached[0]))
     assert not list((tmp_path / "vocab").glob("*.tmp*"))
+
+
+def _move_model(dataset: Path, to: Path) -> None:
+    """Rewrite where a topk dataset says its model was found, as on another machine."""
+    import json
+
+    for name in (MANIFEST_NAME, "_run.json"):
+        d = json.loads((dataset / name).read_text())
+        run = d["run"] if name == MANIFEST_NAME else d
+        run["model_path"] = str(to)
+        (dataset / name).write_text(json.dumps(d))
+
+
+def test_align_finds_the_tokenizer_again_when_the_model_moved(extracted, tmp_path):
+    """A dataset copied elsewhere (or a moved FUSEDATA_CACHE): align resolves the model spec again
+    and checks its tokenizer hash; the output equals the align of the originals."""
+    import shutil
+
+    moved = {}
+    for name in ("llama", "gemma"):
+        moved[name] = tmp_path / name
+        shutil.copytree(extracted[name], moved[name])
+        _move_model(moved[name], tmp_path / "gone" / name)
+    here = _align(extracted["llama"], extracted["gemma"], tmp_path / "a1", codec="raw")
+    there = _align(moved["llama"], moved["gemma"], tmp_path / "a2", codec="raw")
+    assert [t.to_pylist() for t in _tables(tmp_path / "a1")] == [t.to_pylist() for t in _tables(tmp_path / "a2")]
+    assert here.run == there.run  # the location is not part of the run: the same digests
+    # a model spec that now resolves to another tokenizer is refused
+    import json
+
+    d = json.loads((moved["gemma"] / MANIFEST_NAME).read_text())
+    d["run"]["model"] = Manifest.read(extracted["llama"]).run["model"]  # the llama model, not gemma's
+    (moved["gemma"] / MANIFEST_NAME).write_text(json.dumps(d))
+    with pytest.raises(UsageError, match="tokenizer hash differs"):
+        _align(moved["llama"], moved["gemma"], tmp_path / "a3")
+
+
+def test_a_run_is_the_same_run_wherever_its_model_was_found(tmp_path):
+    from fusedata.dataset import DatasetDir, same_run
+    from fusedata.run_fuse import run_digest
+
+    a = {"stage": "extract", "model": "m", "model_path": "/one/m", "model_hash": "h", "inner": {"model_path": "/x"}}
+    b = {**a, "model_path": "/two/m", "inner": {"model_path": "/y"}}
+    assert same_run(a, b) and run_digest(a) == run_digest(b)
+    assert not same_run(a, {**a, "model_hash": "other"})
+    out = DatasetDir(tmp_path / "ds")
+    out.begin(a)
+    out.begin(b)  # no refusal; the run file now says where the model is found
+    assert (tmp_path / "ds" / "_run.json").read_text().count("/two/m") == 1
+    with pytest.raises(UsageError, match="another run"):
+        out.begin({**a, "model_hash": "other"})
