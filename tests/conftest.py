@@ -46,3 +46,24 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus_docs() -> list[dict]:
     return [dict(d) for d in tiny_models.CORPUS_DOCS]
+
+
+@pytest.fixture(scope="session")
+def spine(tiny_llama, tiny_gemma, corpus_file, tmp_path_factory) -> Path:
+    """topk/llama, topk/gemma, aligned/gemma and fused (MinCE), built once for the session.
+    Read-only for tests: a test that damages a dataset copies it first."""
+    from fusedata.extract import ExtractConfig
+    from fusedata.run_align import AlignConfig, AlignJob, run_align
+    from fusedata.run_extract import ExtractJob, run_extract
+    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+
+    quiet = {"quiet": True, "log": lambda m: None}
+    root = tmp_path_factory.mktemp("spine")
+    for name, folder in (("llama", tiny_llama), ("gemma", tiny_gemma)):
+        run_extract(ExtractJob([str(corpus_file)], str(root / "topk" / name),
+                               ExtractConfig(model=str(folder), top_k=5, max_length=24), docs_per_shard=2, **quiet))
+    run_align(AlignJob(str(root / "topk/llama"), str(root / "topk/gemma"), str(root / "aligned/gemma"),
+                       AlignConfig(cache_dir=str(root / "vocab")), **quiet))
+    run_fuse(FuseJob(str(root / "topk/llama"), [str(root / "aligned/gemma")], str(root / "fused"),
+                     FuseConfig(method="mince"), **quiet))
+    return root

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,26 +12,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from fusedata.codec import decode_topk
-from fusedata.extract import ExtractConfig
 from fusedata.inspect import plot, summarize
-from fusedata.run_align import AlignConfig, AlignJob, run_align
-from fusedata.run_extract import ExtractJob, run_extract
-from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
-
-QUIET = {"quiet": True, "log": lambda m: None}
-
-
-@pytest.fixture(scope="module")
-def spine(tiny_llama, tiny_gemma, corpus_file, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("spine")
-    for name, folder in (("llama", tiny_llama), ("gemma", tiny_gemma)):
-        run_extract(ExtractJob([str(corpus_file)], str(root / "topk" / name),
-                               ExtractConfig(model=str(folder), top_k=5, max_length=24), docs_per_shard=2, **QUIET))
-    run_align(AlignJob(str(root / "topk/llama"), str(root / "topk/gemma"), str(root / "aligned/gemma"),
-                       AlignConfig(cache_dir=str(root / "vocab")), **QUIET))
-    run_fuse(FuseJob(str(root / "topk/llama"), [str(root / "aligned/gemma")], str(root / "fused"),
-                     FuseConfig(method="mince"), **QUIET))
-    return root
 
 
 def test_fused_dataset_loads_with_datasets_polars_duckdb(spine):

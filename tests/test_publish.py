@@ -18,28 +18,9 @@ from fake_hub import FakeHub
 
 from cli.main import main
 from fusedata.codec import decode_topk
-from fusedata.extract import ExtractConfig
-from fusedata.run_align import AlignConfig, AlignJob, run_align
-from fusedata.run_extract import ExtractJob, run_extract
-from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
 from schemas.manifest import MANIFEST_NAME, Manifest
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
-QUIET = {"quiet": True, "log": lambda m: None}
-
-
-@pytest.fixture(scope="module")
-def spine(tiny_llama, tiny_gemma, corpus_file, tmp_path_factory) -> Path:
-    """topk/llama, topk/gemma, aligned/gemma and fused, built once for the module."""
-    root = tmp_path_factory.mktemp("publish-spine")
-    for name, folder in (("llama", tiny_llama), ("gemma", tiny_gemma)):
-        run_extract(ExtractJob([str(corpus_file)], str(root / "topk" / name),
-                               ExtractConfig(model=str(folder), top_k=5, max_length=24), docs_per_shard=2, **QUIET))
-    run_align(AlignJob(str(root / "topk/llama"), str(root / "topk/gemma"), str(root / "aligned/gemma"),
-                       AlignConfig(cache_dir=str(root / "vocab")), **QUIET))
-    run_fuse(FuseJob(str(root / "topk/llama"), [str(root / "aligned/gemma")], str(root / "fused"),
-                     FuseConfig(method="mince"), **QUIET))
-    return root
 
 
 @pytest.fixture
