@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import fusedata
@@ -162,13 +163,17 @@ class DatasetDir:
         return manifest
 
 
+def table_tokens(table: pa.Table) -> int:
+    """Tokens in a table: the total length of its `input_ids` lists."""
+    return int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+
+
 def _token_count(path: Path) -> int:
-    """Tokens in a shard: the total length of its `input_ids` lists (0 if it has none)."""
+    """Tokens in a shard file (0 if it has no `input_ids`)."""
     pf = pq.ParquetFile(path)
     if "input_ids" not in pf.schema_arrow.names:
         return 0
-    col = pf.read(columns=["input_ids"]).column(0)
-    return int(sum(chunk.value_lengths().to_numpy(zero_copy_only=False).sum() for chunk in col.chunks))
+    return table_tokens(pf.read(columns=["input_ids"]))
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
-from fusedata.dataset import DatasetDir, open_dataset
+from fusedata.dataset import DatasetDir, open_dataset, table_tokens
 from fusedata.errors import UsageError
 from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.run_fuse import TARGET_KEYS, run_digest
@@ -230,7 +230,7 @@ class AlignStage:
         source_rows = pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string())})
         out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema, self.texts)
         if on_tokens is not None:
-            on_tokens(int(pa.compute.sum(pa.compute.list_value_length(target.column("input_ids"))).as_py() or 0))
+            on_tokens(table_tokens(target))
         return out
 
 

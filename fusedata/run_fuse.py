@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
-from fusedata.dataset import DatasetDir, open_dataset, run_key
+from fusedata.dataset import DatasetDir, open_dataset, run_key, table_tokens
 from fusedata.errors import UsageError
 from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.fuse import fuse, token_metric_ce
@@ -127,7 +127,7 @@ class FuseStage:
         aligned = [pq.read_table(Path(d) / name) for d in self.aligned_dirs]
         out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.schema)
         if on_tokens is not None:
-            on_tokens(int(pa.compute.sum(pa.compute.list_value_length(out.column("input_ids"))).as_py() or 0))
+            on_tokens(table_tokens(out))
         return out
 
 

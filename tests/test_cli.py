@@ -3,16 +3,15 @@ status 2, one `error: ...` line, no traceback, and nothing already written damag
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers import unreadable
 
 import fusedata.executor
 from cli.main import main
@@ -83,20 +82,8 @@ def test_missing_input(tiny_llama, finished, tmp_path):
 def test_unreadable_input(tiny_llama, tmp_path, monkeypatch):
     corpus = tmp_path / "locked.jsonl"
     corpus.write_text('{"text": "hello there"}\n', encoding="utf-8")
-    corpus.chmod(0)
-    if os.geteuid() == 0:  # root reads a mode-000 file: make the read fail as it would for a user
-        real = Path.read_bytes
-
-        def read_bytes(self):
-            if self == corpus:
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real(self)
-
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    try:
+    with unreadable(corpus, monkeypatch):
         _assert_usage_error(*_extract(tiny_llama, corpus, tmp_path / "out"), rf"{corpus}: cannot read \(Permission denied\)")
-    finally:
-        corpus.chmod(0o644)
     assert not (tmp_path / "out").exists()
 
 

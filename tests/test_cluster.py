@@ -146,15 +146,19 @@ class LocalCluster:
         return left
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster()
+def _running(c: LocalCluster):
+    """Start a cluster for a fixture; stop it after, checking none of its processes is left."""
     try:
         c.start()
         yield c
     finally:
         left = c.stop()
         assert not left, f"cluster processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from _running(LocalCluster())
 
 
 def _cli(*args: str, address: str) -> subprocess.Popen:
@@ -231,13 +235,7 @@ class JobCluster(LocalCluster):
 @pytest.fixture
 def job_cluster():
     """Function scope, so it is gone before the two-node cluster starts (2 cores)."""
-    c = JobCluster()
-    try:
-        c.start()
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"cluster processes left running: {left}"
+    yield from _running(JobCluster())
 
 
 JOB_PIPELINE = """

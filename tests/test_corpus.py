@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import unreadable
 
 from fusedata.corpus import DOCS_SCHEMA, expand_inputs, read_corpus, shard_docs
 from fusedata.errors import UsageError
@@ -118,21 +116,8 @@ def test_missing_file(tmp_path):
 def test_unreadable_file(tmp_path, name, monkeypatch):
     path = tmp_path / name
     path.write_text(json.dumps({"text": "x"}) + "\n", encoding="utf-8")
-    if os.geteuid() == 0:  # root reads a mode-000 file: make the read fail as it would for a user
-        real = Path.read_bytes
-
-        def read_bytes(self):
-            if self == path:
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real(self)
-
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    path.chmod(0)
-    try:
-        with pytest.raises(UsageError, match=rf"{name}: cannot read \(Permission denied\)"):
-            read_corpus([str(path)])
-    finally:
-        path.chmod(0o644)
+    with unreadable(path, monkeypatch), pytest.raises(UsageError, match=rf"{name}: cannot read \(Permission denied\)"):
+        read_corpus([str(path)])
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,9 @@ sequences of two different tokenizers over the same paragraph."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import converted_model_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,15 +94,6 @@ def test_dtw_align_equals_reference_random_stripped(a, b):
     assert _rows(*dtw_align(a, b)) == dtw_reference(a, b)
 
 
-def _model_dir(name: str) -> Path | None:
-    roots = [os.environ.get("FUSEDATA_CACHE"), "/tmp/fdcache", str(Path.home() / ".cache" / "fusedata")]
-    for root in filter(None, roots):
-        folder = Path(root) / "models" / name
-        if (folder / "tokenizer.json").is_file():
-            return folder
-    return None
-
-
 @pytest.fixture(scope="module", params=["real", "tiny"])
 def tokenizer_pair(request, tiny_llama, tiny_gemma):
     """(target, source) tokenizers: the real SmolLM2 and Gemma-3 ones (when the model cache has
@@ -113,7 +102,7 @@ def tokenizer_pair(request, tiny_llama, tiny_gemma):
     from transformers import AutoTokenizer
 
     if request.param == "real":
-        smol, gemma = _model_dir("smollm2-135m"), _model_dir("gemma3-270m")
+        smol, gemma = converted_model_dir("smollm2-135m"), converted_model_dir("gemma3-270m")
         if smol is None or gemma is None:
             pytest.skip("the SmolLM2/Gemma-3 tokenizers are not in the model cache")
         return AutoTokenizer.from_pretrained(smol), AutoTokenizer.from_pretrained(gemma)

@@ -3,11 +3,9 @@ brute-force minimum over the whole target vocabulary, and the on-disk cache."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import converted_model_dir
 from transformers import AutoTokenizer
 
 import fusedata.vocab
@@ -142,20 +140,11 @@ def test_mined_map_equals_brute_force_tiny(llama_tok, gemma_tok):
         assert np.array_equal(got[: len(src)][em >= 0], em[em >= 0])  # MinED agrees with EM where EM matches
 
 
-def _model_dir(name: str) -> Path | None:
-    roots = [os.environ.get("FUSEDATA_CACHE"), "/tmp/fdcache", str(Path.home() / ".cache" / "fusedata")]
-    for root in filter(None, roots):
-        folder = Path(root) / "models" / name
-        if (folder / "tokenizer.json").is_file():
-            return folder
-    return None
-
-
 def test_mined_map_equals_brute_force_real():
     """Sampled Gemma-3 tokens against the whole SmolLM2 vocabulary (tokenizers only)."""
     from rapidfuzz.distance import Levenshtein
 
-    smol, gemma = _model_dir("smollm2-135m"), _model_dir("gemma3-270m")
+    smol, gemma = converted_model_dir("smollm2-135m"), converted_model_dir("gemma3-270m")
     if smol is None or gemma is None:
         pytest.skip("the SmolLM2/Gemma-3 tokenizers are not in the model cache")
     tgt = token_texts(AutoTokenizer.from_pretrained(smol))
