@@ -65,6 +65,19 @@ def _rate(rewards: int, judged: int) -> float | None:
     return rewards / judged if judged else None
 
 
+def pair_stats(sft: dict[str, list[Any]]) -> dict[str, Any]:
+    """What the kept pairs say about the judging (`sft`: SFT_COLUMNS as lists): how often a source
+    won, and how often the winner of the order shown first survived the reversed order."""
+    winners = sft["winner"]
+    rejudged = [(w, s) for w, s in zip(sft["shown_winner"], sft["swapped_winner"], strict=True) if s is not None]
+    return {
+        "source_won": _rate(sum(bool(x) for x in sft["source_won"]), len(winners)),
+        "rejudged": len(rejudged),
+        "judge_consistency": _rate(sum(w == s for w, s in rejudged), len(rejudged)),
+        "winners": {w: winners.count(w) for w in sorted(set(winners))},
+    }
+
+
 def _counter() -> dict[str, Any]:
     return {"harvests": 0, "kept": 0, "rewards": 0, "judged": 0}
 
@@ -110,9 +123,7 @@ def summarize_explore(path: str | Path) -> dict[str, Any]:
             counter["posterior_mean"] = node.alpha / (node.alpha + node.beta)
 
     sft = _read_shards(folder / "sft", SFT_COLUMNS)
-    pairs = len(sft["winner"])
-    # consistency: the winner of the order shown first survives the reversed order
-    rejudged = [(w, s) for w, s in zip(sft["shown_winner"], sft["swapped_winner"], strict=True) if s is not None]
+    judging = pair_stats(sft)
     return {
         "path": str(folder),
         "kind": "explore",
@@ -129,10 +140,10 @@ def summarize_explore(path: str | Path) -> dict[str, Any]:
         "sprouts": sprouts,
         "rebirths": sum(rebirths.values()),
         "rebirths_by_node": rebirths,
-        "sft_pairs": pairs,
-        "source_won_share": _rate(sum(bool(x) for x in sft["source_won"]), pairs),
-        "rejudged": len(rejudged),
-        "judge_consistency": _rate(sum(w == s for w, s in rejudged), len(rejudged)),
+        "sft_pairs": len(sft["winner"]),
+        "source_won_share": judging["source_won"],
+        "rejudged": judging["rejudged"],
+        "judge_consistency": judging["judge_consistency"],
     }
 
 

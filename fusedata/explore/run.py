@@ -29,6 +29,7 @@ from fusedata.explore.bandit import BanditConfig, choose_child, descend, record_
 from fusedata.explore.names import parse_proposals, vote
 from fusedata.explore.pool import LocalPool, ModelPool
 from fusedata.explore.prompts import STYLES, judge_prompt, names_prompt, question_prompt, usable_question
+from fusedata.explore.report import SFT_COLUMNS, pair_stats
 from fusedata.explore.tree import Tree
 from schemas.explore import DOCS_SCHEMA, HISTORY_SCHEMA, SFT_SCHEMA
 from schemas.manifest import MANIFEST_NAME
@@ -272,18 +273,10 @@ def harvest_round(pool: ModelPool, cfg: ExploreConfig, tree: Tree, leaves: list[
 def _finish(out: Path, run: dict[str, Any], state: State) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(out / "sft" / n, columns=["source_won", "winner", "shown_winner", "swapped_winner"])
-              for n in state.sft_shards]
-    table = pa.concat_tables(tables) if tables else None
+    tables = [pq.read_table(out / "sft" / n, columns=SFT_COLUMNS) for n in state.sft_shards]
     stats: dict[str, Any] = {"pairs": state.harvested, "rounds": state.round, "events": state.events}
-    if table is not None and table.num_rows:
-        won = table.column("source_won").to_pylist()
-        winners, swapped = table.column("winner").to_pylist(), table.column("swapped_winner").to_pylist()
-        shown = table.column("shown_winner").to_pylist()
-        rejudged = [(w, s) for w, s in zip(shown, swapped, strict=True) if s is not None]
-        stats.update(source_won=sum(won) / len(won), rejudged=len(rejudged),
-                     judge_consistency=(sum(w == s for w, s in rejudged) / len(rejudged)) if rejudged else None,
-                     winners={w: winners.count(w) for w in sorted(set(winners))})
+    if tables:
+        stats.update(pair_stats(pa.concat_tables(tables).to_pydict()))
     DatasetDir(out / "sft").finish("sft", run, state.sft_shards, stats)
     DatasetDir(out / "docs").finish("docs", run, state.sft_shards, {"docs": state.harvested})
     return stats
