@@ -15,19 +15,25 @@ class TextModel:
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8, threads: int = 0) -> None:
         import torch
 
-        from fusedata.models.spec import load_model, load_tokenizer, resolve
+        from fusedata.models.spec import load_model
 
         if threads:
             torch.set_num_threads(threads)
-        ref = resolve(spec)
-        self.name = spec
-        self.device = device
-        self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(ref)
+        ref = self._setup(spec, device, batch_size)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_model(ref, device, "float32")
+
+    def _setup(self, spec: str, device: str, batch_size: int) -> Any:
+        """What both backends hold: the model's name, its own tokenizer and the judge's label ids.
+        Returns the resolved ModelRef."""
+        from fusedata.models.spec import load_tokenizer, resolve
+
+        ref = resolve(spec)
+        self.name, self.device, self.batch_size = spec, device, batch_size
+        self.tokenizer = load_tokenizer(ref)
         self.label_ids = [self._label_id(c) for c in JUDGE_LABELS]
+        return ref
 
     def _label_id(self, letter: str) -> int:
         """The token a model would write after 'Answer' for this letter (' A', '▁A', ...)."""
@@ -101,15 +107,9 @@ class VllmTextModel(TextModel):
 
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8, threads: int = 0,
                  max_model_len: int = 2048, kv_cache_gb: float = 1.0) -> None:
-        from fusedata.models.spec import load_tokenizer, resolve
         from fusedata.vllm_backend import VllmEngine
 
-        ref = resolve(spec)
-        self.name = spec
-        self.device = device
-        self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(ref)
-        self.label_ids = [self._label_id(c) for c in JUDGE_LABELS]
+        ref = self._setup(spec, device, batch_size)
         self.max_model_len = max_model_len
         self.engine = VllmEngine(ref.path, max_logprobs=1, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
                                  threads=f"0-{threads - 1}" if threads else "")
