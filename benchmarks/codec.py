@@ -1,16 +1,19 @@
-"""Benchmark: bytes per token and reconstruction error of top-k codecs on real model output.
+"""Benchmark: bytes per token and reconstruction error of top-k codecs on real extract output.
 
 Rerun:  .venv/bin/python benchmarks/codec.py [--tokens 20000] [--k 10 32 64] [--topk-dir DIR ...]
-The first run executes each bundled model over real text (news articles + the perplexity
-paragraph) and caches top-64 distributions under /tmp/codec_bench/; later runs take seconds.
-Every layout is measured in the same run on the same data and written the way the dataset
-writer writes shards (Parquet, zstd level 6) unless its name says otherwise.
+The first run executes `fusedata extract` with each bundled model over real text (the perplexity
+paragraph + news articles, windows of 256 tokens, top-64, lossless `raw` codec) into
+/tmp/codec_bench/ (or --cache); later runs reuse that output and take about a minute. `--topk-dir`
+measures any extract output folder instead. Every layout is measured in the same run on the same data
+and written the way the dataset writer writes shards (Parquet, zstd level 6) unless its name says
+otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import sys
 import time
@@ -24,99 +27,59 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CACHE = Path("/tmp/codec_bench")
-MODELS = {
-    "smollm2-135m": Path("/tmp/fdcache/models/smollm2-135m"),
-    "gemma3-270m": Path("/tmp/fdcache/models/gemma3-270m"),
-}
-TEXT_FILES = [
-    ROOT / "fusedata/models/ppl_check.txt",
-    ROOT / ".venv/lib/python3.11/site-packages/gensim/test/test_data/lee_background.cor",
-]
+MODELS = ("smollm2-135m", "gemma3-270m")
 KMAX = 64
 
 
 def _documents() -> list[str]:
-    """Real text: the perplexity check paragraph, then one news article per line."""
-    docs = [TEXT_FILES[0].read_text(encoding="utf-8")]
-    docs += [ln.strip() for ln in TEXT_FILES[1].read_text(encoding="latin-1").splitlines() if ln.strip()]
-    return docs
+    """Real text: the perplexity check paragraph, then one news article per line (gensim's Lee corpus)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")  # data only: gensim is installed without its deps
+    lee = Path(next(iter(spec.submodule_search_locations))) / "test/test_data/lee_background.cor"
+    docs = [(ROOT / "fusedata/models/ppl_check.txt").read_text(encoding="utf-8")]
+    return docs + [ln.strip() for ln in lee.read_text(encoding="latin-1").splitlines() if ln.strip()]
 
 
-def generate_topk(model: str, n_tokens: int, window: int = 256, chunk: int = 128) -> Path:
-    """Run `model` over real text and cache its top-64 distributions as .npz (slow, once)."""
-    out = CACHE / f"{model}-{n_tokens}.npz"
-    if out.exists():
+def extract_topk(model: str, n_tokens: int, cache: Path) -> Path:
+    """`fusedata extract` (top-64, raw codec) of `model` over about n_tokens of real text, once."""
+    from fusedata.extract import ExtractConfig
+    from fusedata.run_extract import ExtractJob, run_extract
+
+    out = cache / f"extract-{model}-{n_tokens}"
+    if (out / "_manifest.json").exists():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(MODELS[model])
-    lm = AutoModelForCausalLM.from_pretrained(MODELS[model], dtype=torch.float32).eval()
-    head = lm.get_output_embeddings()
-    ids_l, lp_l, gold_l, goldid_l, lengths = [], [], [], [], []
-    total, t0 = 0, time.time()
-    for doc in _documents():
-        toks = tok(doc)["input_ids"][:window]
-        if len(toks) < 8:
-            continue
-        x = torch.tensor([toks])
-        with torch.no_grad():
-            hidden = lm.model(input_ids=x).last_hidden_state[0, :-1]  # [T-1, H]
-            target = x[0, 1:]  # [T-1]
-            for s in range(0, hidden.shape[0], chunk):
-                logits = head(hidden[s : s + chunk]).float()  # [c, V]
-                cap = getattr(lm.config, "final_logit_softcapping", None)
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                lsm = torch.log_softmax(logits, dim=-1)
-                v, i = lsm.topk(KMAX, dim=-1)  # [c, 64], sorted desc
-                ids_l.append(i.to(torch.int32).numpy())
-                lp_l.append(v.numpy())
-                t = target[s : s + chunk]
-                gold_l.append(lsm.gather(1, t[:, None])[:, 0].numpy())
-                goldid_l.append(t.to(torch.int32).numpy())
-        lengths.append(hidden.shape[0])
-        total += hidden.shape[0]
-        print(f"\r{model}: {total} tokens {total / (time.time() - t0):.0f} tok/s", end="", flush=True)
-        if total >= n_tokens:
-            break
-    print()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out, ids=np.concatenate(ids_l), logprobs=np.concatenate(lp_l), gold_logprob=np.concatenate(gold_l),
-        gold_ids=np.concatenate(goldid_l), lengths=np.array(lengths, dtype=np.int64),
-        vocab_size=np.int64(head.weight.shape[0]),
-    )
+    corpus, chars = cache / f"corpus-{n_tokens}.jsonl", 0
+    cache.mkdir(parents=True, exist_ok=True)
+    with corpus.open("w", encoding="utf-8") as f:
+        for i, doc in enumerate(_documents()):  # ~4.2 characters per token in English news
+            f.write(json.dumps({"id": f"doc{i:04d}", "text": doc}) + "\n")
+            chars += len(doc)
+            if chars >= 4.2 * n_tokens:
+                break
+    config = ExtractConfig(model=model, top_k=KMAX, max_length=256, codec="raw", threads=2)
+    run_extract(ExtractJob([str(corpus)], str(out), config))
     return out
 
 
 # -- data -------------------------------------------------------------------------------
 
-from fusedata.codec import get_codec  # noqa: E402
+from fusedata.codec import decode_topk, get_codec  # noqa: E402
 from fusedata.codec.zq import CHILDREN, COLUMN  # noqa: E402
 from fusedata.topk import TopK  # noqa: E402
 
 
-def topk_from_cache(path: Path, k: int) -> tuple[TopK, int]:
-    """The first k of the cached top-64, tail mass recomputed for k (log-probs are full-vocab)."""
-    d = np.load(path)
-    lp = d["logprobs"][:, :k]  # [N, k]
-    tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(1), 0.0, 1.0).astype(np.float32)
-    return TopK(d["ids"][:, :k], lp, d["gold_logprob"], tail, d["lengths"]), int(d["vocab_size"])
-
-
 def topk_from_extract(folder: Path, k: int) -> tuple[TopK, int]:
-    """The one function to swap when fusedata.dataset.read_topk lands: an extract output folder."""
-    from fusedata.dataset import read_topk  # type: ignore[attr-defined]
-
-    t = read_topk(folder)
+    """The first k of an extract output's top-k; tail mass recomputed for k (log-probs are full-vocab)."""
+    table = pq.read_table(folder)
+    t = decode_topk(table, like=folder)
     if t.k < k:
         raise SystemExit(f"{folder} holds k={t.k} < {k}")
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    vocab = int(manifest["run"].get("vocab_size") or t.ids.max() + 1)
     lp = t.logprobs[:, :k]
     tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(1), 0.0, 1.0).astype(np.float32)
-    return TopK(t.ids[:, :k], lp, t.gold_logprob, tail, t.lengths), int(t.ids.max()) + 1
+    return TopK(t.ids[:, :k], lp, t.gold_logprob, tail, t.lengths), vocab
 
 
 # -- layouts ----------------------------------------------------------------------------
@@ -344,21 +307,80 @@ def table_md(model: str, k: int, n: int, w: int, rows: list[dict[str, object]]) 
     return head + body
 
 
+# -- how small can lossless ids be? ------------------------------------------------------
+
+
+def context_tokens(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """For every position: the current input token and the actual next token (both known to a decoder
+    that holds the dataset's `input_ids` column)."""
+    cur, nxt = [], []
+    for row in pq.read_table(folder, columns=["input_ids"])["input_ids"].to_pylist():
+        cur.append(np.asarray(row[:-1], np.int64))
+        nxt.append(np.asarray(row[1:], np.int64))
+    return np.concatenate(cur), np.concatenate(nxt)
+
+
+def ppm_bits(ids: np.ndarray, contexts: list[np.ndarray], vocab: int) -> float:
+    """Ideal code length (bits) of the ids [N, k] under an adaptive PPM model (escape method C,
+    exclusion of ids already coded at the position and of symbols seen in higher orders): the
+    contexts in order, then order 0, then uniform over the vocabulary. One pass, as a decoder would."""
+    from collections import Counter, defaultdict
+
+    tables = [defaultdict(Counter) for _ in contexts]
+    order0: Counter = Counter()
+    bits, log_v = 0.0, math.log2(vocab)
+    for i in range(ids.shape[0]):
+        keys = [int(c[i]) for c in contexts]
+        for j in range(ids.shape[1]):
+            x, seen = int(ids[i, j]), set(int(y) for y in ids[i, :j])
+            for tab in [*(t[key] for t, key in zip(tables, keys, strict=True)), order0]:
+                items = [(y, n) for y, n in tab.items() if y not in seen]
+                total, distinct = sum(n for _, n in items), len(items)
+                if not total:
+                    continue
+                n = 0 if x in seen else tab.get(x, 0)
+                if n:
+                    bits -= math.log2(n / (total + distinct))
+                    break
+                bits -= math.log2(distinct / (total + distinct))
+                seen.update(y for y, _ in items)
+            else:
+                bits += log_v
+            for tab in [*(t[key] for t, key in zip(tables, keys, strict=True)), order0]:
+                tab[x] += 1
+    return bits
+
+
+def id_bounds(t: TopK, folder: Path, vocab: int) -> dict[str, float]:
+    """Bytes per position that the k ids alone would need under a few models of their statistics."""
+    _, counts = np.unique(t.ids, return_counts=True)
+    p = counts / counts.sum()
+    cur, nxt = context_tokens(folder)
+    n = t.n_positions
+    return {
+        "order-0 entropy, model free (table not counted)": float(-(p * np.log2(p)).sum()) * t.k / 8,
+        "adaptive order 0": ppm_bits(t.ids, [], vocab) / n / 8,
+        "adaptive, context: current token": ppm_bits(t.ids, [cur], vocab) / n / 8,
+        "adaptive, contexts: (current, next token), next, current": ppm_bits(
+            t.ids, [cur * (1 << 20) + nxt, nxt, cur], vocab) / n / 8,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=20000, help="tokens per model for the cached run")
     ap.add_argument("--k", type=int, nargs="+", default=[10, 32, 64])
     ap.add_argument("--topk-dir", type=Path, nargs="*", default=[], help="fusedata extract output folders")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/codec_bench"), help="where extract output is kept")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--no-id-bounds", dest="id_bounds", action="store_false",
+                    help="skip the (slow, pure Python) entropy estimates of the ids")
     a = ap.parse_args()
-    sources: list[tuple[str, Callable[[int], tuple[TopK, int]]]] = []
-    if a.topk_dir:
-        sources = [(d.name, lambda k, d=d: topk_from_extract(d, k)) for d in a.topk_dir]
-    else:
-        for m in MODELS:
-            path = generate_topk(m, a.tokens)
-            sources.append((m, lambda k, p=path: topk_from_cache(p, k)))
+    folder_of = {d.name: d for d in a.topk_dir} or {m: extract_topk(m, a.tokens, a.cache) for m in MODELS}
+    sources: list[tuple[str, Callable[[int], tuple[TopK, int]]]] = [
+        (name, lambda k, d=d: topk_from_extract(d, k)) for name, d in folder_of.items()
+    ]
     if a.generate_only:
         return
     print(f"# top-k codec benchmark\n\ncommand: `{' '.join(['benchmarks/codec.py', *sys.argv[1:]])}`")
@@ -367,6 +389,10 @@ def main() -> None:
             t, vocab = load(k)
             rows = [measure(lay, t, a.repeats) for lay in layouts(vocab)]
             print(table_md(f"{model} (V={vocab})", k, t.n_positions, len(t.lengths), rows), flush=True)
+            if k == 10 and a.id_bounds:
+                bounds = id_bounds(t, folder_of[model], vocab)
+                print(f"\n{model}, k=10: bytes per position for the ids alone\n\n| model of the ids | B/token |\n"
+                      "|---|---:|\n" + "".join(f"| {name} | {b:.2f} |\n" for name, b in bounds.items()), flush=True)
 
 
 if __name__ == "__main__":
