@@ -33,14 +33,14 @@ def main() -> None:
     """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train; explore, publish)."""
 
 
-def _executor(executor: str, address: str | None, workers: int):
+def _executor(executor: str, address: str | None, workers: int, want_gpu: bool = False):
     if executor == "local" and not address:
         from fusedata.executor import LocalExecutor
 
         return LocalExecutor()
     from jobs.ray_executor import RayExecutor
 
-    return RayExecutor(address=address, workers=workers)
+    return RayExecutor(address=address, workers=workers, want_gpu=want_gpu)
 
 
 executor_options = [
@@ -93,7 +93,8 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
                            backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads)
     job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
                      overwrite, quiet, log=lambda m: click.echo(m, err=True))
-    run_extract(job, _executor(executor, address, workers))
+    # a CUDA model or a vLLM engine asks Ray for a GPU per worker where the cluster has GPUs
+    run_extract(job, _executor(executor, address, workers, want_gpu=device.startswith("cuda") or backend == "vllm"))
 
 
 

