@@ -32,13 +32,11 @@ KMAX = 64
 
 
 def _documents() -> list[str]:
-    """Real text: the perplexity check paragraph, then one news article per line (gensim's Lee corpus)."""
-    import importlib.util
+    """Real text: the perplexity check paragraph, then the demo corpus' news articles (gensim's Lee corpus)."""
+    from fusedata.demo_corpus import news
+    from fusedata.models.cache import PPL_TEXT_FILE
 
-    spec = importlib.util.find_spec("gensim")  # data only: gensim is installed without its deps
-    lee = Path(next(iter(spec.submodule_search_locations))) / "test/test_data/lee_background.cor"
-    docs = [(ROOT / "fusedata/models/ppl_check.txt").read_text(encoding="utf-8")]
-    return docs + [ln.strip() for ln in lee.read_text(encoding="latin-1").splitlines() if ln.strip()]
+    return [PPL_TEXT_FILE.read_text(encoding="utf-8")] + [text for _, text in news()]
 
 
 def extract_topk(model: str, n_tokens: int, cache: Path) -> Path:

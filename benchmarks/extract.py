@@ -11,8 +11,8 @@ With --vllm, the extract stage itself (tokenise, windows, forward, top-k, codec:
 `fusedata extract` runs per shard) is timed on the whole corpus with `--backend hf` and with
 `--backend vllm` (its engine in its own environment: `make vllm` or FUSEDATA_VLLM_PYTHON): steady
 state, timed on a second pass over the corpus; set-up (model load or engine start, plus the first
-pass) reported apart. A second table compares the two. Peak RSS is not comparable there (vLLM computes in child processes), so it is
-left out.
+pass) reported apart. A second table compares the two. Peak RSS is not comparable there (vLLM
+computes in child processes), so it is left out.
 """
 
 from __future__ import annotations
@@ -42,23 +42,24 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
     stage.setup()
     setup_s = time.perf_counter() - t_setup
     docs, _ = read_corpus([corpus])
-    wins = stage.windows(docs)
-    batches = [[wins[i].ids for i in b] for b in batch_by_budget([len(w.ids) for w in wins], batch_tokens)]
-    tokens = sum(len(w.ids) for w in wins)
-    if mode in ("stage", "vllm"):
+    if mode in ("stage", "vllm"):  # the whole stage per pass, as `fusedata extract` runs a shard
         t_warm = time.perf_counter()
         stage(docs)  # warm-up on the same documents: an engine's first requests (new shapes) are slow
         setup_s += time.perf_counter() - t_warm
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    if mode in ("stage", "vllm"):
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
         table = stage(docs)
         tokens = sum(len(x) for x in table["input_ids"].to_pylist())
-        batches = []
-    for seqs in batches:
-        if mode == "extract":
-            stage.forward(seqs)
-        else:
+    else:  # the same batches through the extract forward or a bare forward
+        wins = stage.windows(docs)
+        batches = [[wins[i].ids for i in b] for b in batch_by_budget([len(w.ids) for w in wins], batch_tokens)]
+        tokens = sum(len(w.ids) for w in wins)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        for seqs in batches:
+            if mode == "extract":
+                stage.forward(seqs)
+                continue
             T = max(len(s) for s in seqs)
             ids = torch.zeros((len(seqs), T), dtype=torch.long)  # [B, T]
             mask = torch.zeros((len(seqs), T), dtype=torch.long)
