@@ -11,8 +11,9 @@ With --vllm, the extract stage itself (tokenise, windows, forward, top-k, codec:
 `fusedata extract` runs per shard) is timed on the whole corpus with `--backend hf` and with
 `--backend vllm` (its engine in its own environment: `make vllm` or FUSEDATA_VLLM_PYTHON): steady
 state, timed on a second pass over the corpus; set-up (model load or engine start, plus the first
-pass) reported apart. A second table compares the two. Peak RSS is not comparable there (vLLM
-computes in child processes), so it is left out.
+pass) reported apart. The hf stage runs at --hf-batch-tokens (1,024: its fastest on 2 CPU cores of
+512..8,192), vLLM at its own default engine step (2,048 tokens on CPU). A second table compares
+the two. Peak RSS is not comparable there (vLLM computes in child processes), so it is left out.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
 
 
 def run_one(model: str, mode: str, corpus: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, mode, corpus, str(args.max_length), str(args.batch_tokens), str(args.top_k)]
+    batch = args.hf_batch_tokens if mode == "stage" else args.batch_tokens
+    cmd = [sys.executable, __file__, "--child", model, mode, corpus, str(args.max_length), str(batch), str(args.top_k)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,6 +94,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode (median reported)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=2048, help="8 x 256; a bare forward materialises [B,T,V]")
+    p.add_argument("--hf-batch-tokens", type=int, default=1024,
+                   help="batch of the hf extract stage in the --vllm comparison (its fastest on 2 cores)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--per-domain", type=int, default=8)
     p.add_argument("--vllm", action="store_true", help="also time --backend vllm on the same batches")
@@ -132,7 +136,7 @@ def main() -> None:
         print(f"| {m} | {n} | {b:,.0f} | {e:,.0f} | {r:.2f} | {rb:,.0f} | {re_:,.0f} |")
     if vllm_rows:
         print(f"\nthe extract stage, --backend vllm vs hf — the same documents, fp32 CPU, k={args.top_k}, "
-              f"median of {args.rounds} alternating rounds, timed on a second pass (the first, with the set-up, apart)\n")
+              f"hf batches of {args.hf_batch_tokens} tokens, median of {args.rounds} alternating rounds, timed on a second pass (the first, with the set-up, apart)\n")
         print("| model | tokens | hf extract tok/s | vllm extract tok/s | vllm ÷ hf | hf set-up + first pass (s) | vllm engine start + first pass (s) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for m, n, h, v, r, sh, sv in vllm_rows:

@@ -77,11 +77,13 @@ def with_executor(f):
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
 @click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, help="vLLM KV cache size per worker.")
 @click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
+@click.option("--vllm-batch-tokens", default=0, help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
 def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, id_field, skip_bad_lines,
-            docs_per_shard, codec, device, dtype, threads, backend, vllm_kv_cache_gb, vllm_threads, overwrite, quiet,
+            docs_per_shard, codec, device, dtype, threads, backend, vllm_kv_cache_gb, vllm_threads, vllm_batch_tokens,
+            overwrite, quiet,
             executor, address, workers):
     """Run a model over a corpus and keep each position's top-k next-token distribution."""
     from fusedata.codec import DEFAULT_CODEC
@@ -90,7 +92,8 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
 
     config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
                            device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
-                           backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads)
+                           backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads,
+                           vllm_batch_tokens=vllm_batch_tokens)
     job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
                      overwrite, quiet, log=lambda m: click.echo(m, err=True))
     # a CUDA model or a vLLM engine asks Ray for a GPU per worker where the cluster has GPUs

@@ -40,6 +40,7 @@ class ExtractConfig:
     backend: str = "hf"  # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
     vllm_kv_cache_gb: float = 1.0  # vLLM KV cache size
     vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
+    vllm_batch_tokens: int = 0  # vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class ExtractStage:
                 self.engine = VllmEngine(
                     self.ref.path, max_logprobs=self.config.top_k, max_model_len=self.config.max_length,
                     kv_cache_gb=self.config.vllm_kv_cache_gb, threads=self.config.vllm_threads,
-                    dtype=self.config.dtype,
+                    dtype=self.config.dtype, batch_tokens=self.config.vllm_batch_tokens,
                 )
             return
         import torch

@@ -71,7 +71,7 @@ class VllmEngine:
 
     def __init__(self, model_path: str, max_logprobs: int, max_model_len: int, kv_cache_gb: float = 1.0,
                  threads: str = "", dtype: str = "float32", python: str | os.PathLike | None = None,
-                 log_lines: int = 60) -> None:
+                 log_lines: int = 60, batch_tokens: int = 0) -> None:
         self.python = Path(python) if python else vllm_python()
         self.max_logprobs = max_logprobs
         # vLLM refuses a prompt as long as max_model_len (it must leave room for one output token)
@@ -87,6 +87,7 @@ class VllmEngine:
             str(self.python), "-I", str(WORKER),  # -I: the worker's folder is not on sys.path
             "--model", model_path, "--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len + 1),
             "--kv-cache-bytes", str(int(kv_cache_gb * (1 << 30))), "--dtype", dtype,
+            "--max-num-batched-tokens", str(batch_tokens),  # 0: the worker picks (see its batch_tokens)
         ]
         self._lock = threading.Lock()
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)

@@ -142,6 +142,20 @@ def generate(llm, sampling_params, req: dict[str, np.ndarray]) -> dict[str, np.n
             "ids": np.concatenate(new) if new else np.zeros(0, np.int32)}
 
 
+CPU_BATCH_TOKENS = 2048
+
+
+def batch_tokens(requested: int) -> dict[str, int]:
+    """The engine's token budget per step: as requested, else 2,048 on CPU and vLLM's own default
+    elsewhere. On CPU every prompt position's log-softmax over the vocabulary is materialised, so
+    vLLM's CPU default of 4,096 is memory-bound: 2,048 ran ~10 % faster (SmolLM2, 2 cores)."""
+    if requested > 0:
+        return {"max_num_batched_tokens": requested}
+    from vllm.platforms import current_platform
+
+    return {"max_num_batched_tokens": CPU_BATCH_TOKENS} if current_platform.is_cpu() else {}
+
+
 def serve(args: argparse.Namespace, fin, fout) -> None:
     import vllm
     from vllm import LLM, SamplingParams
@@ -155,6 +169,7 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
         kv_cache_memory_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len,
         seed=0,
+        **batch_tokens(args.max_num_batched_tokens),
     )
     write_frame(fout, {"ready": np.array(vllm.__version__)})
     while True:
@@ -190,6 +205,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, required=True)
     p.add_argument("--kv-cache-bytes", type=int, required=True)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-num-batched-tokens", type=int, default=0, help="0: 2048 on CPU, else vLLM's default")
     args = p.parse_args()
     # keep the real stdout for frames; everything else written to fd 1 goes to stderr
     fout = os.fdopen(os.dup(1), "wb")
