@@ -237,7 +237,7 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
 
     e = root.sub("extract") or _Section({}, "extract")
     base = dict(
-        max_length=e.positive("max_length", 1024), batch_tokens=e.positive("batch_tokens", 8192),
+        max_length=e.positive("max_length", 1024), batch_tokens=e.positive("batch_tokens", 0, zero_ok=True),
         device=e.get("device", str, "cpu"), dtype=e.get("dtype", str, "float32", ("float32", "bfloat16", "float16")),
         threads=e.positive("threads", 0, zero_ok=True),
     )

@@ -124,6 +124,13 @@ def test_batch_by_budget_examples():
     assert batch_by_budget([3, 9, 5], 18) == [[1, 2], [0]]
 
 
+@pytest.mark.parametrize(("configured", "device", "want"), [(0, "cpu", 1024), (0, "cuda", 8192), (0, "cuda:1", 8192),
+                                                          (300, "cpu", 300), (300, "cuda", 300)])
+def test_batch_tokens_default_by_device(configured, device, want):
+    stage = ExtractStage(ExtractConfig(model="anything", batch_tokens=configured, device=device))
+    assert stage.batch_tokens() == want
+
+
 @settings(max_examples=300, deadline=None)
 @given(lengths=st.lists(st.integers(1, 300), max_size=60), budget=st.integers(1, 2000))
 def test_batch_by_budget_property(lengths, budget):
