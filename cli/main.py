@@ -63,7 +63,7 @@ def with_executor(f):
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
 @click.option("--top-k", default=10, show_default=True, help="Distribution entries kept per position.")
 @click.option("--max-length", default=1024, show_default=True, help="Tokens per window; longer documents are split.")
-@click.option("--batch-tokens", default=0, help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
+@click.option("--batch-tokens", default=0, type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
 @click.option("--text-field", default="text", show_default=True, help="Text field of JSONL/Parquet records.")
 @click.option("--id-field", default="id", show_default=True, help="Document id field (else file:line).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed JSONL lines instead of stopping.")
@@ -77,7 +77,7 @@ def with_executor(f):
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
 @click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, help="vLLM KV cache size per worker.")
 @click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
-@click.option("--vllm-batch-tokens", default=0, help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
+@click.option("--vllm-batch-tokens", default=0, type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor

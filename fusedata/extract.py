@@ -144,6 +144,9 @@ class ExtractStage:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.ref)
         self.vocab_size = self._vocab_size()
+        for name in ("batch_tokens", "vllm_batch_tokens"):
+            if getattr(self.config, name) < 0:
+                raise UsageError(f"{name} must be >= 0 (0: the default), got {getattr(self.config, name)}")
         if not 1 <= self.config.top_k <= self.vocab_size:
             raise UsageError(f"--top-k {self.config.top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.codec = get_codec(self.config.codec)

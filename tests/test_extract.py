@@ -131,6 +131,12 @@ def test_batch_tokens_default_by_device(configured, device, want):
     assert stage.batch_tokens() == want
 
 
+@pytest.mark.parametrize("field", ["batch_tokens", "vllm_batch_tokens"])
+def test_negative_batch_tokens_is_a_usage_error(tiny_llama, field):
+    with pytest.raises(UsageError, match=field):
+        ExtractStage(ExtractConfig(model=str(tiny_llama), **{field: -1})).prepare()
+
+
 @settings(max_examples=300, deadline=None)
 @given(lengths=st.lists(st.integers(1, 300), max_size=60), budget=st.integers(1, 2000))
 def test_batch_by_budget_property(lengths, budget):
