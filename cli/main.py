@@ -33,14 +33,14 @@ def main() -> None:
     """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train; explore, publish)."""
 
 
-def _executor(executor: str, address: str | None, workers: int, want_gpu: bool = False):
+def _executor(executor: str, address: str | None, workers: int):
     if executor == "local" and not address:
         from fusedata.executor import LocalExecutor
 
         return LocalExecutor()
     from jobs.ray_executor import RayExecutor
 
-    return RayExecutor(address=address, workers=workers, want_gpu=want_gpu)
+    return RayExecutor(address=address, workers=workers)
 
 
 executor_options = [
@@ -96,8 +96,7 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
                            vllm_batch_tokens=vllm_batch_tokens)
     job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
                      overwrite, quiet, log=lambda m: click.echo(m, err=True))
-    # a CUDA model or a vLLM engine asks Ray for a GPU per worker where the cluster has GPUs
-    run_extract(job, _executor(executor, address, workers, want_gpu=device.startswith("cuda") or backend == "vllm"))
+    run_extract(job, _executor(executor, address, workers))  # GPUs per worker: see ExtractConfig.wants_gpu
 
 
 

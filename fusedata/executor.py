@@ -65,6 +65,10 @@ class Executor(Protocol):
         progress: Any,
     ) -> list[ShardResult]: ...
 
+    def with_gpu(self, want: bool) -> Executor:
+        """This executor with workers that ask for a GPU where the cluster has them (or not)."""
+        ...
+
 
 class LocalExecutor:
     """One process, shards in order: for tests, debugging and the smallest jobs."""
@@ -80,6 +84,9 @@ class LocalExecutor:
             progress.shard_done(result, count_tokens=False)
             results.append(result)
         return results
+
+    def with_gpu(self, want: bool) -> LocalExecutor:
+        return self  # the stage itself picks its device in this process
 
 
 def shard_name_task(name: str) -> ShardTask:

@@ -46,6 +46,10 @@ class ExtractConfig:
     vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
     vllm_batch_tokens: int = 0  # vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU)
 
+    def wants_gpu(self) -> bool:
+        """A CUDA model or a vLLM engine: on Ray, each worker asks for a GPU where there are some."""
+        return self.device.startswith("cuda") or self.backend == "vllm"
+
 
 @dataclass
 class Window:

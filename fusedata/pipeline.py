@@ -26,7 +26,7 @@ import shutil
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,9 +239,13 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     base = dict(
         max_length=e.positive("max_length", 1024), batch_tokens=e.positive("batch_tokens", 0, zero_ok=True),
         device=e.get("device", str, "cpu"), dtype=e.get("dtype", str, "float32", ("float32", "bfloat16", "float16")),
-        threads=e.positive("threads", 0, zero_ok=True),
+        threads=e.positive("threads", 0, zero_ok=True), backend=e.get("backend", str, "hf", ("hf", "vllm")),
+        vllm_kv_cache_gb=e.get("vllm_kv_cache_gb", float, 1.0), vllm_threads=e.get("vllm_threads", str, ""),
+        vllm_batch_tokens=e.positive("vllm_batch_tokens", 0, zero_ok=True),
     )
     e.done()
+    if base["vllm_kv_cache_gb"] <= 0:
+        raise UsageError(f"extract.vllm_kv_cache_gb: must be > 0, got {base['vllm_kv_cache_gb']}")
     if base["max_length"] < 2:
         raise UsageError("extract.max_length: must be at least 2")
     extract = [
@@ -571,9 +575,7 @@ def _measure_rate(spec: str, docs: Any, pipe: Pipeline) -> float:
     from fusedata.extract import ExtractStage
 
     cfg = pipe.extract[0].config
-    stage = ExtractStage(ExtractConfig(model=spec, top_k=cfg.top_k, max_length=cfg.max_length,
-                                       batch_tokens=cfg.batch_tokens, device=cfg.device, dtype=cfg.dtype,
-                                       codec=cfg.codec, threads=cfg.threads))
+    stage = ExtractStage(replace(cfg, model=spec))
     stage.setup()
     tokens = 0
 
@@ -581,9 +583,13 @@ def _measure_rate(spec: str, docs: Any, pipe: Pipeline) -> float:
         nonlocal tokens
         tokens += n
 
-    t0 = time.perf_counter()
-    stage(docs, count)
-    return tokens / max(time.perf_counter() - t0, 1e-6)
+    try:
+        t0 = time.perf_counter()
+        stage(docs, count)
+        return tokens / max(time.perf_counter() - t0, 1e-6)
+    finally:
+        if stage.engine is not None:
+            stage.engine.close()
 
 
 def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: bool = False,

@@ -31,7 +31,7 @@ class ExtractJob:
 
 
 def run_extract(job: ExtractJob, executor: Executor | None = None) -> Manifest:
-    executor = executor or LocalExecutor()
+    executor = (executor or LocalExecutor()).with_gpu(job.config.wants_gpu())
     docs, cstats = read_corpus(job.inputs, job.text_field, job.id_field, job.skip_bad_lines)
     stage = ExtractStage(job.config)
     run = {

@@ -87,6 +87,9 @@ class RayExecutor:
         self.cpus_per_worker = cpus_per_worker
         self.want_gpu = want_gpu
 
+    def with_gpu(self, want: bool) -> RayExecutor:
+        return RayExecutor(self.address, self.workers, self.cpus_per_worker, want_gpu=want)
+
     def run(self, make_stage: Callable[[], Stage], tasks: list[ShardTask], out: DatasetDir, progress: Any) -> list[ShardResult]:
         if not tasks:
             return []

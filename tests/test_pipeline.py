@@ -92,6 +92,9 @@ target = "m1"
     (MINIMAL.replace('output = "out"', ""), "pipeline.output: missing"),
     (MINIMAL.replace('output = "out"', 'output = "out"\ncodec = "gzip9"'), "pipeline.codec"),
     (MINIMAL + "[fuse\n", "not valid TOML"),
+    (MINIMAL + '[extract]\nbackend = "onnx"\n', "extract.backend: must be one of hf, vllm"),
+    (MINIMAL + "[extract]\nvllm_kv_cache_gb = 0\n", "extract.vllm_kv_cache_gb: must be > 0"),
+    (MINIMAL + "[extract]\nvllm_batch_tokens = -1\n", "extract.vllm_batch_tokens: must be >= 0"),
 ])
 def test_validation_names_the_bad_key(tmp_path, text, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -104,6 +107,17 @@ def test_minimal_defaults(tmp_path):
     assert pipe.extract[0].config.top_k == 10 and pipe.extract[0].config.codec == "zq"
     assert pipe.align == [] and pipe.train is None and pipe.eval is None
     assert pipe.fuse.aligned == [] and pipe.fuse.output == str(Path("out") / "fused")
+    assert pipe.extract[0].config.backend == "hf" and pipe.extract[0].config.batch_tokens == 0
+
+
+def test_extract_backend_options_reach_every_model(tmp_path):
+    text = MINIMAL.replace('target = "m1"', 'target = "m1"\nsources = ["m2"]') + (
+        '[extract]\nbackend = "vllm"\nvllm_kv_cache_gb = 2\nvllm_threads = "0-3"\nvllm_batch_tokens = 512\n')
+    pipe = load_pipeline(_write(tmp_path, text))
+    for job in pipe.extract:
+        c = job.config
+        assert (c.backend, c.vllm_kv_cache_gb, c.vllm_threads, c.vllm_batch_tokens) == ("vllm", 2.0, "0-3", 512)
+        assert c.wants_gpu()
 
 
 def test_cli_reports_usage_error(tmp_path):
