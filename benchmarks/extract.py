@@ -70,8 +70,7 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
             with torch.inference_mode():
                 _ = stage.model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     seconds = time.perf_counter() - t0
-    if stage.engine is not None:
-        stage.engine.close()
+    stage.close()
     return {
         "setup_s": setup_s,
         "tokens": tokens,

@@ -195,6 +195,12 @@ class ExtractStage:
         self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
         self._check_head()
 
+    def close(self) -> None:
+        """Stop the vLLM engine's child process now (else it stops when the stage is dropped)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def identity(self) -> dict[str, Any]:
         """Everything about the model and settings that changes this stage's output."""
         self.prepare()

@@ -588,8 +588,7 @@ def _measure_rate(spec: str, docs: Any, pipe: Pipeline) -> float:
         stage(docs, count)
         return tokens / max(time.perf_counter() - t0, 1e-6)
     finally:
-        if stage.engine is not None:
-            stage.engine.close()
+        stage.close()
 
 
 def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: bool = False,

@@ -142,7 +142,7 @@ def generate(llm, sampling_params, req: dict[str, np.ndarray]) -> dict[str, np.n
             "ids": np.concatenate(new) if new else np.zeros(0, np.int32)}
 
 
-CPU_BATCH_TOKENS = 2048
+CPU_ENGINE_STEP_TOKENS = 2048
 
 
 def batch_tokens(requested: int) -> dict[str, int]:
@@ -153,7 +153,7 @@ def batch_tokens(requested: int) -> dict[str, int]:
         return {"max_num_batched_tokens": requested}
     from vllm.platforms import current_platform
 
-    return {"max_num_batched_tokens": CPU_BATCH_TOKENS} if current_platform.is_cpu() else {}
+    return {"max_num_batched_tokens": CPU_ENGINE_STEP_TOKENS} if current_platform.is_cpu() else {}
 
 
 def serve(args: argparse.Namespace, fin, fout) -> None:

@@ -211,16 +211,24 @@ def test_vllm_backend_matches_hf_on_real_text(model_cache, tmp_path):
     assert hf_t.column("input_ids").to_pylist() == vl_t.column("input_ids").to_pylist()
     assert hf_t.column("doc_id").to_pylist() == vl_t.column("doc_id").to_pylist()
     assert hf.n_positions == vl.n_positions > 2500
-    same_ids = (hf.ids == vl.ids).all(axis=1)
-    close = (np.abs(hf.logprobs - vl.logprobs) <= 1e-3).all(axis=1) & (np.abs(hf.gold_logprob - vl.gold_logprob) <= 1e-3)
-    agree = same_ids & close
-    print(f"vLLM vs HF: {agree.mean():.4%} of {len(agree)} positions agree; max |Δ log-prob| where ids agree "
-          f"{np.abs(hf.logprobs - vl.logprobs)[same_ids].max():.2e}, max |Δ gold| {np.abs(hf.gold_logprob - vl.gold_logprob).max():.2e}")
-    assert agree.mean() >= 0.999, f"{(~agree).sum()} of {len(agree)} positions differ"
+    same_ids = _assert_backends_agree(MODEL, hf_t, hf, vl_t, vl)
     # where the ids agree the values are close everywhere, and the tail mass follows
     np.testing.assert_allclose(vl.logprobs[same_ids], hf.logprobs[same_ids], atol=5e-3)
     np.testing.assert_allclose(vl.tail_mass, 1.0 - np.exp(vl.logprobs.astype(np.float64)).sum(axis=1), atol=1e-5)
+
+
+def _assert_backends_agree(model: str, hf_t: pa.Table, hf, vl_t: pa.Table, vl) -> np.ndarray:
+    """≥ 99.9 % of positions have the same top-k ids with log-probs and gold within 1e-3, and the
+    windows' CE agree; returns where the ids agree."""
+    same_ids = (hf.ids == vl.ids).all(axis=1)
+    close = (np.abs(hf.logprobs - vl.logprobs) <= 1e-3).all(axis=1) & (np.abs(hf.gold_logprob - vl.gold_logprob) <= 1e-3)
+    agree = same_ids & close
+    print(f"{model} vLLM vs HF: {agree.mean():.4%} of {len(agree)} positions agree; max |Δ log-prob| where ids "
+          f"agree {np.abs(hf.logprobs - vl.logprobs)[same_ids].max():.2e}, "
+          f"max |Δ gold| {np.abs(hf.gold_logprob - vl.gold_logprob).max():.2e}")
+    assert agree.mean() >= 0.999, f"{(~agree).sum()} of {len(agree)} positions differ"
     np.testing.assert_allclose(vl_t.column("ce").to_numpy(), hf_t.column("ce").to_numpy(), atol=1e-3)
+    return same_ids
 
 
 @pytest.mark.vllm
@@ -244,18 +252,12 @@ def test_vllm_backend_matches_hf_on_gemma3(model_cache, tmp_path):
         try:
             table = stage(docs)
         finally:
-            if stage.engine is not None:
-                stage.engine.close()
+            stage.close()
         got[backend] = (table, codec_from_schema(table.schema).decode(table, K))
     (hf_t, hf), (vl_t, vl) = got["hf"], got["vllm"]
     assert hf_t.column("input_ids").to_pylist() == vl_t.column("input_ids").to_pylist()
     assert hf.n_positions == vl.n_positions > 1000
-    same_ids = (hf.ids == vl.ids).all(axis=1)
-    close = (np.abs(hf.logprobs - vl.logprobs) <= 1e-3).all(axis=1) & (np.abs(hf.gold_logprob - vl.gold_logprob) <= 1e-3)
-    agree = same_ids & close
-    print(f"Gemma-3 vLLM vs HF: {agree.mean():.4%} of {len(agree)} positions agree")
-    assert agree.mean() >= 0.999, f"{(~agree).sum()} of {len(agree)} positions differ"
-    np.testing.assert_allclose(vl_t.column("ce").to_numpy(), hf_t.column("ce").to_numpy(), atol=1e-3)
+    _assert_backends_agree("gemma3-270m", hf_t, hf, vl_t, vl)
 
 
 @pytest.mark.vllm
