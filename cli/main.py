@@ -75,7 +75,8 @@ def with_executor(f):
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="hf: transformers forward; vllm: a vLLM engine per worker, in its own environment "
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
-@click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, help="vLLM KV cache size per worker.")
+@click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="vLLM KV cache size per worker.")
 @click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
 @click.option("--vllm-batch-tokens", default=0, type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")

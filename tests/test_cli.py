@@ -142,6 +142,15 @@ def test_top_k_larger_than_vocab(tiny_llama, corpus_file, finished):
     assert _snapshot(finished) == before
 
 
+@pytest.mark.parametrize(("option", "value"), [("--batch-tokens", "-1"), ("--vllm-batch-tokens", "-1"),
+                                               ("--vllm-kv-cache-gb", "0")])
+def test_out_of_range_option_stops_before_anything_runs(tiny_llama, corpus_file, finished, option, value):
+    before = _snapshot(finished)
+    code, _, result = _extract(tiny_llama, corpus_file, finished, option, value)
+    assert code == 2 and f"Invalid value for '{option}'" in result.output + result.stderr
+    assert _snapshot(finished) == before
+
+
 def test_another_runs_folder(tiny_llama, corpus_file, finished, tmp_path):
     before = _snapshot(finished)
     line = _assert_usage_error(*_extract(tiny_llama, corpus_file, finished, "--top-k", "3"), r"holds another run's output")
