@@ -64,7 +64,7 @@ def extract_topk(model: str, n_tokens: int, cache: Path) -> Path:
 
 from fusedata.codec import decode_topk, get_codec  # noqa: E402
 from fusedata.codec.zq import CHILDREN, COLUMN  # noqa: E402
-from fusedata.topk import TopK  # noqa: E402
+from fusedata.topk import TopK, tail_mass  # noqa: E402
 
 
 def topk_from_extract(folder: Path, k: int) -> tuple[TopK, int]:
@@ -76,8 +76,7 @@ def topk_from_extract(folder: Path, k: int) -> tuple[TopK, int]:
     manifest = json.loads((folder / "_manifest.json").read_text())
     vocab = int(manifest["run"].get("vocab_size") or t.ids.max() + 1)
     lp = t.logprobs[:, :k]
-    tail = np.clip(1.0 - np.exp(lp.astype(np.float64)).sum(1), 0.0, 1.0).astype(np.float32)
-    return TopK(t.ids[:, :k], lp, t.gold_logprob, tail, t.lengths), vocab
+    return TopK(t.ids[:, :k], lp, t.gold_logprob, tail_mass(lp), t.lengths), vocab
 
 
 # -- layouts ----------------------------------------------------------------------------

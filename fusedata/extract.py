@@ -20,7 +20,7 @@ import pyarrow as pa
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.errors import UsageError
 from fusedata.models.spec import ModelRef, load_model, load_tokenizer, resolve, tokenizer_hash, weights_hash
-from fusedata.topk import TopK
+from fusedata.topk import TopK, tail_mass
 from schemas.topk import topk_schema
 
 VLLM_CALL_TOKENS = 32768  # tokens handed to the vLLM engine per call
@@ -312,8 +312,7 @@ class ExtractStage:
             ids[s : s + chunk] = top.cpu().numpy()
             lps[s : s + chunk] = (values - lse).cpu().numpy()
             gold[s : s + chunk] = (logits.gather(1, labels[s : s + chunk, None]) - lse)[:, 0].cpu().numpy()
-        tail = np.clip(1.0 - np.exp(lps.astype(np.float64)).sum(axis=1), 0.0, 1.0).astype(np.float32)
-        return TopK(ids, lps, gold, tail, np.asarray([n], dtype=np.int64))
+        return TopK(ids, lps, gold, tail_mass(lps), np.asarray([n], dtype=np.int64))
 
     def _check_head(self) -> None:
         """Refuse an architecture whose logits are not lm_head(last hidden state) (+softcap):

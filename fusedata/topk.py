@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def tail_mass(logprobs: np.ndarray) -> np.ndarray:
+    """float32 [N]: probability outside the top-k, 1 - sum(exp(logprobs [N, k])), summed in
+    float64 and clipped to [0, 1] (rounding can push a near-complete top-k past 1)."""
+    return np.clip(1.0 - np.exp(logprobs.astype(np.float64)).sum(axis=1), 0.0, 1.0).astype(np.float32)
+
+
 @dataclass
 class TopK:
     """Top-k distributions of a batch of windows, positions flattened.

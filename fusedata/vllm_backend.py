@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusedata.errors import UsageError
-from fusedata.topk import TopK
+from fusedata.topk import TopK, tail_mass
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -166,8 +166,7 @@ class VllmEngine:
         ids, lps, gold = msg["ids"].astype(np.int32), msg["logprobs"].astype(np.float32), msg["gold"].astype(np.float32)
         if ids.shape != (int((lengths - 1).sum()), k):
             raise RuntimeError(f"vLLM worker answered {ids.shape} positions, expected {((lengths - 1).sum(), k)}")
-        tail = np.clip(1.0 - np.exp(lps.astype(np.float64)).sum(axis=1), 0.0, 1.0).astype(np.float32)
-        topk = TopK(ids, lps, gold, tail, lengths - 1)
+        topk = TopK(ids, lps, gold, tail_mass(lps), lengths - 1)
         return [topk.window(i) for i in range(len(seqs))]
 
     def close(self) -> None:
