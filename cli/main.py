@@ -16,9 +16,13 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from fusedata.codec import CodecError
+        from fusedata.errors import OptionError
 
         try:
             return super().invoke(ctx)
+        except OptionError as exc:
+            click.echo(f"error: {exc.named('--')}", err=True)
+            sys.exit(2)
         except (UsageError, CodecError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
@@ -170,43 +174,55 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
     run_fuse(job, _executor(executor, address, workers))
 
 
+def _train_default(name: str):
+    """A `fusedata train` option's default, read from TrainConfig (defined once, there)."""
+    from dataclasses import fields
+
+    from fusedata.train import TrainConfig
+
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
 @main.command()
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="A fused dataset, or an sft dataset (explore/sft).")
 @click.option("--model", required=True, help="The target model (spec as for extract).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed if present).")
-@click.option("--lam", default=0.9, show_default=True, help="Weight of the CLM loss; 1.0 = plain CLM baseline.")
-@click.option("--lr", default=5e-5, show_default=True)
-@click.option("--warmup-steps", default=10, show_default=True)
-@click.option("--max-steps", default=0, help="Optimizer steps (0: --epochs passes over the data).")
-@click.option("--epochs", default=1, show_default=True)
-@click.option("--batch-tokens", default=2048, show_default=True, help="Padded tokens per micro-batch.")
-@click.option("--max-length", default=1024, show_default=True,
+@click.option("--lam", default=_train_default("lam"), show_default=True, help="Weight of the CLM loss; 1.0 = plain CLM baseline.")
+@click.option("--lr", default=_train_default("lr"), show_default=True, help="Peak learning rate.")
+@click.option("--min-lr-ratio", default=_train_default("min_lr_ratio"), show_default=True,
+              help="The cosine schedule ends at this share of --lr.")
+@click.option("--warmup-steps", default=_train_default("warmup_steps"), show_default=True)
+@click.option("--warmup-ratio", default=_train_default("warmup_ratio"), show_default=True,
+              help="Warm-up as a share of the run's steps (> 0 replaces --warmup-steps).")
+@click.option("--max-steps", default=_train_default("max_steps"), help="Optimizer steps (0: --epochs passes over the data).")
+@click.option("--epochs", default=_train_default("epochs"), show_default=True)
+@click.option("--batch-tokens", default=_train_default("batch_tokens"), show_default=True, help="Padded tokens per micro-batch.")
+@click.option("--max-length", default=_train_default("max_length"), show_default=True,
               help="sft data: tokens per prompt + response pair; longer pairs are cut.")
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--clip", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
-@click.option("--save-every", default=0, help="Checkpoint every N steps (0: at the end).")
-@click.option("--threads", default=0)
-def train(data, model, output, lam, lr, warmup_steps, max_steps, epochs, batch_tokens, max_length, grad_accum, clip,
-          seed, device, dtype, save_every, threads):
+@click.option("--grad-accum", default=_train_default("grad_accum"), show_default=True)
+@click.option("--clip", default=_train_default("clip"), show_default=True)
+@click.option("--weight-decay", default=_train_default("weight_decay"), show_default=True)
+@click.option("--seed", default=_train_default("seed"), show_default=True, help="Data order (and a fresh model's weights).")
+@click.option("--device", default=_train_default("device"), show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=_train_default("dtype"), show_default=True)
+@click.option("--save-every", default=_train_default("save_every"), help="Checkpoint every N steps (0: at the end).")
+@click.option("--threads", default=_train_default("threads"))
+@click.option("--init-config", default=_train_default("init_config"), type=click.Path(dir_okay=False),
+              help="Train a fresh model of this config JSON (e.g. a small student) with --model's tokenizer.")
+def train(data, model, output, **options):
     """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k.
 
     On an sft dataset (prompt/response pairs from `fusedata explore`): completion-only CLM, the
-    loss on the response tokens only (λ is 1 there).
+    loss on the response tokens only (λ is 1 there). With --init-config, a student built from
+    scratch (same tokenizer as --model) is trained instead of --model's weights.
     """
     from fusedata.train import TrainConfig
     from fusedata.train import train as run_train
 
-    cfg = TrainConfig(data=data, model=model, output=output, lam=lam, lr=lr, warmup_steps=warmup_steps,
-                      max_steps=max_steps, epochs=epochs, batch_tokens=batch_tokens, max_length=max_length,
-                      grad_accum=grad_accum, clip=clip, seed=seed, device=device, dtype=dtype, save_every=save_every,
-                      threads=threads)
+    cfg = TrainConfig(data=data, model=model, output=output, **options)
     result = run_train(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(f"{output}: {result['steps']} steps, {result['tokens']:,} tokens, final loss {result['final_loss']:.4f}",
                err=True)
-
 
 
 @main.command()

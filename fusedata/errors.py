@@ -3,3 +3,18 @@
 
 class UsageError(Exception):
     """Bad input or configuration: the CLI prints the message and exits with status 2."""
+
+
+class OptionError(UsageError):
+    """A config field holds a bad value. Raised by a config dataclass's `__post_init__`, the one
+    place its options are checked; each entry point names the field its own way (`--warmup-ratio`
+    on the command line, `train.warmup_ratio` in a pipeline file) with `named()`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def named(self, prefix: str = "--") -> str:
+        """The message with the field as the entry point spells it."""
+        name = "--" + self.field.replace("_", "-") if prefix == "--" else prefix + self.field
+        return f"{name}: {self.message}"

@@ -112,6 +112,31 @@ def split_character_spans(ids: np.ndarray, start: np.ndarray, end: np.ndarray, n
         i = j + 1
 
 
+def tokenize_windows(tokenizer: Any, texts: list[str], max_length: int, token_nbytes: np.ndarray) -> list[Window]:
+    """Tokenise texts with byte offsets and cut each into windows (extract's, and eval's)."""
+    if not texts:  # transformers' batch tokenizer fails on an empty list
+        return []
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    bos = tokenizer.bos_token_id
+    out: list[Window] = []
+    for d, text in enumerate(texts):
+        ids = np.asarray(enc["input_ids"][d], dtype=np.int32)  # [n]
+        chars = np.asarray(enc["offset_mapping"][d], dtype=np.int64).reshape(-1, 2)  # [n, 2]
+        byte_at = char_to_byte(text)
+        start, end = byte_at[chars[:, 0]].astype(np.int32), byte_at[chars[:, 1]].astype(np.int32)
+        split_character_spans(ids, start, end, token_nbytes)
+        bos_prefixed = bos is not None and len(ids) > 0 and int(ids[0]) == bos
+        for w, (s, e) in enumerate(window_bounds(len(ids), max_length, bos_prefixed)):
+            if bos_prefixed:  # [BOS] + body tokens; the BOS covers no bytes
+                sel = np.concatenate([[0], np.arange(s, e)])
+                st, en = start[sel], end[sel]
+                st[0] = en[0] = start[s]
+                out.append(Window(d, w, ids[sel], st, en))
+            else:
+                out.append(Window(d, w, ids[s:e], start[s:e], end[s:e]))
+    return out
+
+
 def batch_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
     """Group window indices (longest first) so that rows × longest row ≤ budget tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -225,28 +250,8 @@ class ExtractStage:
     # -- the pure part -------------------------------------------------------------------
     def windows(self, docs: pa.Table) -> list[Window]:
         """Tokenise every document with byte offsets and cut it into windows."""
-        texts = docs.column("text").to_pylist()
-        if not texts:  # transformers' batch tokenizer fails on an empty list
-            return []
-        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-        out: list[Window] = []
-        for d, text in enumerate(texts):
-            ids = np.asarray(enc["input_ids"][d], dtype=np.int32)  # [n]
-            chars = np.asarray(enc["offset_mapping"][d], dtype=np.int64).reshape(-1, 2)  # [n, 2]
-            byte_at = char_to_byte(text)
-            start, end = byte_at[chars[:, 0]].astype(np.int32), byte_at[chars[:, 1]].astype(np.int32)
-            split_character_spans(ids, start, end, self.token_nbytes())
-            bos = self.tokenizer.bos_token_id
-            bos_prefixed = bos is not None and len(ids) > 0 and int(ids[0]) == bos
-            for w, (s, e) in enumerate(window_bounds(len(ids), self.config.max_length, bos_prefixed)):
-                if bos_prefixed:  # [BOS] + body tokens; the BOS covers no bytes
-                    sel = np.concatenate([[0], np.arange(s, e)])
-                    st, en = start[sel], end[sel]
-                    st[0] = en[0] = start[s]
-                    out.append(Window(d, w, ids[sel], st, en))
-                else:
-                    out.append(Window(d, w, ids[s:e], start[s:e], end[s:e]))
-        return out
+        return tokenize_windows(self.tokenizer, docs.column("text").to_pylist(), self.config.max_length,
+                                self.token_nbytes())
 
     def __call__(self, docs: pa.Table, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         if self.model is None and self.engine is None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from fusedata.codec import DEFAULT_CODEC
 from fusedata.dataset import atomic_write_text, sha256_file
-from fusedata.errors import UsageError
+from fusedata.errors import OptionError, UsageError
 from fusedata.extract import ExtractConfig
 from fusedata.run_align import AlignConfig, AlignJob
 from fusedata.run_extract import ExtractJob
@@ -296,9 +296,10 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
         t.used.add("output")
         ckpt = t.get("output", str, str(output / "ckpt"))
         t.done()
-        train = TrainConfig(data=fuse.output, model=target.spec, output=ckpt, **kw)
-        if not 0.0 <= train.lam <= 1.0:
-            raise UsageError("train.lam: must be between 0 and 1")
+        try:
+            train = TrainConfig(data=fuse.output, model=target.spec, output=ckpt, **kw)
+        except OptionError as exc:
+            raise UsageError(exc.named("train.")) from None
 
     ev = root.sub("eval")
     demo_heldout = None
@@ -381,13 +382,13 @@ def _write_if_changed(build: Callable[[Path], Any], target: Path) -> bool:
 def _train_done(cfg: TrainConfig) -> bool:
     """A checkpoint of this very training run that already reached its last step."""
     from fusedata.dataset import open_dataset
-    from fusedata.train import STATE_NAME, _config_identity, epoch_plan
+    from fusedata.train import STATE_NAME, _same_run, epoch_plan
 
     state_file = Path(cfg.output) / STATE_NAME
     if not state_file.is_file():
         return False
     state = json.loads(state_file.read_text(encoding="utf-8"))
-    if state.get("config") != _config_identity(cfg):
+    if not _same_run(state.get("config", {}), cfg):
         return False
     total = cfg.max_steps
     if not total:

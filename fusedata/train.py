@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from fusedata.codec import decode_topk
 from fusedata.dataset import atomic_write_text, open_dataset
-from fusedata.errors import UsageError
+from fusedata.errors import OptionError, UsageError
 from fusedata.fuse import PAD_ID
 
 STATE_NAME = "trainer_state.json"
@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 5e-5
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
+    warmup_ratio: float = 0.0  # > 0: warm-up is this share of the run's steps (replaces warmup_steps)
     max_steps: int = 0  # 0: one pass over the data (epochs × batches / accumulation)
     epochs: int = 1
     batch_tokens: int = 2048  # padded tokens per micro-batch
@@ -68,6 +69,31 @@ class TrainConfig:
     save_every: int = 0  # steps; 0: only at the end
     log_every: int = 1
     threads: int = 0
+    init_config: str = ""  # a model config JSON: train a fresh model of it (seeded weights), tokenizer of `model`
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("lam", 0.0 <= self.lam <= 1.0, "must be between 0 and 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be between 0 and 1"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
+            ("max_steps", self.max_steps >= 0, "must be >= 0 (0: --epochs passes)"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_tokens", self.batch_tokens >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("clip", self.clip > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise OptionError(name, message)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up steps of a run of `total_steps`: a share of it with warmup_ratio, else warmup_steps."""
+        if self.warmup_ratio > 0:
+            return max(1, round(self.warmup_ratio * total_steps))
+        return self.warmup_steps
 
 
 @dataclass
@@ -255,9 +281,10 @@ def sparse_distill_loss(logp_k: Any, topk_q: Any, tail: Any) -> Any:
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio · lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    warmup = cfg.warmup(total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -284,14 +311,16 @@ def compute_loss(model: Any, batch: Batch, lam: float) -> tuple[Any, dict[str, f
     return loss, parts
 
 
-def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
-    """Train, checkpointing to cfg.output; resumes from the checkpoint found there."""
+def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, Any]:
+    """Train, checkpointing to cfg.output; resumes from the checkpoint found there.
+
+    `on_step(step, tokens, model)`, if given, is called before the first step of a fresh run
+    (step 0) and after every optimizer step: the fusion benchmark draws learning curves with it.
+    """
     import torch
 
     from fusedata.models.spec import load_model, load_tokenizer, resolve, tokenizer_hash
 
-    if not 0.0 <= cfg.lam <= 1.0:
-        raise UsageError("--lam must be between 0 and 1")
     manifest = open_dataset(cfg.data)
     if manifest.kind not in ("fused", "sft"):
         raise UsageError(f"{cfg.data}: is a '{manifest.kind}' dataset; expected a fused or sft dataset")
@@ -319,7 +348,11 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
     on_gpu = cfg.device.startswith("cuda")
     dtype = {"auto": "bfloat16" if on_gpu else "float32"}.get(cfg.dtype, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model = load_model(ref, cfg.device, dtype)
+    if cfg.init_config and not resume:
+        vocab = manifest.run.get("vocab_size") or len(tokenizer)
+        model = model_from_config(cfg.init_config, tokenizer, int(vocab), cfg.seed).to(cfg.device, getattr(torch, dtype))
+    else:
+        model = load_model(ref, cfg.device, dtype)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume:
@@ -338,11 +371,16 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         note = f", {dropped} dropped (no response token within --max-length)" if dropped else ""
         log(f"sft data: {kept} pairs{note}; completion-only CLM (λ=1)")
     total_steps = cfg.max_steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
+    if cfg.warmup(total_steps) >= total_steps:
+        log(f"warning: the warm-up ({cfg.warmup(total_steps)} steps) is not shorter than the run ({total_steps} "
+            "steps): the learning rate never reaches its peak; use --warmup-ratio or fewer --warmup-steps")
     step, tokens = int(state["step"]), int(state["tokens"])
     history: list[dict[str, float]] = state.get("history", [])
     t0 = time.perf_counter()
     tokens_at_start = tokens
     stream = micro_batches(source, shards, cfg, skip=step * cfg.grad_accum)
+    if on_step is not None and step == 0:
+        on_step(0, 0, model)
     while step < total_steps:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
@@ -358,6 +396,8 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
         optim.step()
         step += 1
+        if on_step is not None:
+            on_step(step, tokens, model)
         rate = (tokens - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
         history.append({"step": step, **{k: round(v, 5) for k, v in parts_sum.items()}, "grad_norm": round(grad_norm, 4)})
         if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
@@ -370,6 +410,28 @@ def train(cfg: TrainConfig, log: Any = print) -> dict[str, Any]:
             })
     return {"steps": step, "tokens": tokens, "final_loss": history[-1]["loss"] if history else None,
             "history": history}
+
+
+def model_from_config(path: str, tokenizer: Any, vocab_size: int, seed: int) -> Any:
+    """A freshly initialised causal LM of the architecture in a config JSON (a Hugging Face
+    config.json, `model_type` included), sized to the target's vocabulary and special tokens.
+    Weights are drawn from `seed`, so every arm of one seed starts from the same student."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        model_type = spec.pop("model_type")
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise UsageError(f"--init-config {path}: not a model config JSON with a model_type ({exc})") from None
+    spec.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    try:
+        config = AutoConfig.for_model(model_type, **spec)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--init-config {path}: {exc}") from None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def _to_device(batch: Batch, device: str) -> Batch:

@@ -203,3 +203,15 @@ def test_progress_display_does_not_break_the_run(tiny_llama, corpus_file, tmp_pa
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert "5/5 docs" in result.stderr  # the bar counted every document
     assert len(Manifest.read(tmp_path / "out").shards) == 2
+
+
+@pytest.mark.parametrize(("option", "value", "pattern"), [
+    ("--warmup-ratio", "1.5", r"^error: --warmup-ratio: must be in \[0, 1\)$"),
+    ("--lam", "-0.1", r"^error: --lam: must be between 0 and 1$"),
+    ("--weight-decay", "-1", r"^error: --weight-decay: must be >= 0$"),
+])
+def test_train_refuses_bad_options_by_name(tmp_path, option, value, pattern):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "none"), "--model", "m",
+                                       "--output", str(tmp_path / "ckpt"), option, value])
+    _assert_usage_error(result.exit_code, result.stderr, result, pattern)
+    assert not (tmp_path / "ckpt").exists()

@@ -115,3 +115,97 @@ def test_refuses_foreign_output_and_another_runs_checkpoint(tiny_llama, fused_di
     train(_cfg(fused_dir, tiny_llama, out, max_steps=1), log=lambda m: None)
     with pytest.raises(UsageError, match="different training run"):
         train(_cfg(fused_dir, tiny_llama, out, max_steps=1, lam=0.5), log=lambda m: None)
+
+
+def test_warmup_ratio_is_a_share_of_the_run():
+    from fusedata.train import lr_at
+
+    cfg = TrainConfig(data="d", model="m", output="o", lr=1.0, warmup_steps=50, warmup_ratio=0.1, min_lr_ratio=0.0)
+    assert cfg.warmup(200) == 20 and cfg.warmup(3) == 1
+    assert lr_at(0, cfg, 200) == pytest.approx(1 / 20)
+    assert lr_at(19, cfg, 200) == pytest.approx(1.0)  # peak at the end of the warm-up, not at step 50
+    assert lr_at(20, cfg, 200) == pytest.approx(1.0)
+    assert lr_at(199, cfg, 200) == pytest.approx(0.5 * (1 + np.cos(np.pi * 179 / 180)))
+    steps_only = TrainConfig(data="d", model="m", output="o", warmup_steps=7)
+    assert steps_only.warmup(200) == 7
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("warmup_ratio", 1.0, "warmup_ratio: must be in"), ("warmup_ratio", -0.1, "warmup_ratio: must be in"),
+    ("lam", 1.5, "lam: must be between 0 and 1"), ("lr", 0.0, "lr: must be > 0"),
+    ("min_lr_ratio", 2.0, "min_lr_ratio: must be between"), ("grad_accum", 0, "grad_accum: must be >= 1"),
+])
+def test_config_refuses_bad_values_by_name(field, value, message):
+    from fusedata.errors import OptionError
+
+    with pytest.raises(OptionError, match=message) as err:
+        TrainConfig(data="d", model="m", output="o", **{field: value})
+    assert err.value.named("--").startswith("--" + field.replace("_", "-") + ":")
+    assert err.value.named("train.").startswith(f"train.{field}:")
+
+
+def test_warns_when_the_warm_up_outlasts_the_run(tiny_llama, fused_dir, tmp_path):
+    said: list[str] = []
+    train(_cfg(fused_dir, tiny_llama, tmp_path / "a", max_steps=3, warmup_steps=10), log=said.append)
+    assert any("warm-up (10 steps) is not shorter than the run (3 steps)" in m for m in said)
+    said.clear()
+    train(_cfg(fused_dir, tiny_llama, tmp_path / "b", max_steps=3, warmup_ratio=0.3), log=said.append)
+    assert not any("warm-up" in m for m in said)
+
+
+def _student_config(path: Path) -> Path:
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "tie_word_embeddings": True, "max_position_embeddings": 64}))
+    return path
+
+
+def test_student_from_config_is_seeded_and_trains(tiny_llama, fused_dir, tmp_path):
+    from transformers import AutoConfig
+
+    conf = _student_config(tmp_path / "student.json")
+    seen: dict[str, dict[int, float]] = {}
+
+    def first_weights(name):
+        def hook(step, tokens, model):
+            seen.setdefault(name, {})[step] = float(model.get_input_embeddings().weight.detach().abs().sum())
+        return hook
+
+    a = train(_cfg(fused_dir, tiny_llama, tmp_path / "a", init_config=str(conf), max_steps=20, lr=1e-2),
+              log=lambda m: None, on_step=first_weights("a"))
+    train(_cfg(fused_dir, tiny_llama, tmp_path / "b", init_config=str(conf), max_steps=2, lam=0.5, lr=1e-2),
+          log=lambda m: None, on_step=first_weights("b"))
+    train(_cfg(fused_dir, tiny_llama, tmp_path / "c", init_config=str(conf), max_steps=2, seed=4, lr=1e-2),
+          log=lambda m: None, on_step=first_weights("c"))
+    assert seen["a"][0] == seen["b"][0]  # two arms of one seed start from the very same student
+    assert seen["a"][0] != seen["c"][0]  # another seed draws another student
+    assert sorted(seen["a"]) == list(range(21))  # the hook ran before the first step and after each
+    saved = AutoConfig.from_pretrained(tmp_path / "a")
+    tiny = AutoConfig.from_pretrained(tiny_llama)
+    assert (saved.hidden_size, saved.num_hidden_layers, saved.vocab_size) == (16, 1, tiny.vocab_size)
+    losses = [h["loss"] for h in a["history"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_bad_student_config_is_refused(tiny_llama, fused_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hidden_size": 16}')
+    with pytest.raises(UsageError, match="model_type"):
+        train(_cfg(fused_dir, tiny_llama, tmp_path / "x", init_config=str(bad)), log=lambda m: None)
+
+
+def test_heldout_text_scores_like_heldout(tiny_model, corpus_file):
+    """The in-process learning-curve evaluator gives eval's own figures (same windows, same bytes)."""
+    from fusedata.corpus import read_corpus
+    from fusedata.evaluate import HeldOutText, heldout
+    from fusedata.models.spec import ModelRef, load_model, load_tokenizer
+
+    ref = ModelRef("tiny", str(tiny_model))
+    docs, _ = read_corpus([str(corpus_file)])
+    text = HeldOutText.from_texts(load_tokenizer(ref), docs.column("text").to_pylist(), max_length=24)
+    model = load_model(ref).train()
+    got = text.score(model, batch_tokens=64)
+    want = heldout(str(tiny_model), [str(corpus_file)], max_length=24)
+    assert model.training  # put back in the mode it was in
+    assert (got["tokens"], got["bytes"]) == (want["tokens"], want["bytes"])
+    assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-4)
