@@ -138,9 +138,42 @@ def build_datasets(work: Path) -> dict[str, Any]:
         "mince": run_fuse(FuseJob(target, gemma, str(work / "fused-mince"), FuseConfig(method="mince"), **quiet)),
         "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce"), **quiet)),
     }
-    return {"train_tokens": fused["mince"].tokens, "align": aligned.stats,
+    return {"train_tokens": fused["mince"].tokens, "align": aligned.stats, "target_quality": target_quality(work),
             "fuse": {k: {key: m.stats.get(key) for key in ("candidates", "winning_share", "mean_weights",
                                                             "mean_candidate_ce")} for k, m in fused.items()}}
+
+
+def target_quality(work: Path) -> dict[str, dict[str, float]]:
+    """What each arm's soft target says about the text it is trained on, read from the datasets:
+    the probability the target puts on the gold next token (its cross-entropy in nats/token when
+    the gold id is listed; the tail bounds it otherwise), how often the gold id is listed, and the
+    mass left in the tail. A target that puts less mass on the gold token teaches the student a
+    worse distribution, whatever its source."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fusedata.codec import decode_topk
+    from fusedata.train import PAD_ID
+
+    out = {}
+    for arm in SOURCES:
+        folder = work / f"fused-{arm}"
+        listed = gold_p = tail = top1 = 0.0
+        n = 0
+        for shard in sorted(folder.glob("shard-*.parquet")):
+            table = pq.read_table(shard)
+            topk = decode_topk(table, shard.name)
+            labels = table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False)  # [N]
+            q = np.where(topk.ids == PAD_ID, 0.0, np.exp(topk.logprobs.astype(np.float64)))  # [N, k]
+            hit = topk.ids == labels[:, None]  # [N, k]
+            listed += float(hit.any(1).sum())
+            gold_p += float((q * hit).sum())
+            tail += float(topk.tail_mass.sum())
+            top1 += float((topk.ids[:, 0] == labels).sum())
+            n += len(labels)
+        out[arm] = {"gold_listed": round(listed / n, 4), "mean_q_gold": round(gold_p / n, 4),
+                    "top1_is_gold": round(top1 / n, 4), "mean_tail": round(tail / n, 4), "positions": n}
+    return out
 
 
 def heldout_sets(work: Path) -> dict[str, Any]:
