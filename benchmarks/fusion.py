@@ -257,8 +257,8 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
     for seed in args.seeds:
         for arm, (dataset, lam) in arms.items():
             run_key = f"{arm}/seed{seed}"
-            if run_key in state["runs"]:
-                continue
+            if state["runs"].get(run_key, {}).get("lr", lr) == lr and run_key in state["runs"]:
+                continue  # done at this lr (a wider sweep that picks another lr redoes the runs)
             # the untrained model, scored on each seed's first run (a pretrained one only once)
             first = not any(k.endswith(f"/seed{seed}") for k in state["runs"]) and (
                 bool(track.init_config) or not state.get("untrained"))
@@ -267,7 +267,7 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
             if first:  # the untrained student of this seed: the same weights start every arm
                 at[0] = [("test", sets["test"]), ("ood", sets["ood"])]
             log(f"{name}: {arm} (λ {lam:g}) seed {seed}")
-            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at)
+            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at) | {"lr": lr}
             if first:
                 state.setdefault("untrained", {})[str(seed)] = r["scores"].pop("0")
             state["runs"][run_key] = r
@@ -393,7 +393,6 @@ def main() -> None:
     sets = heldout_sets(work)
     RESULTS.mkdir(exist_ok=True)
     results_file = RESULTS / "fusion.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     tracks = ["student", "continual"] if args.track == "both" else [args.track]
     reports = []
     for name in tracks:
@@ -403,6 +402,8 @@ def main() -> None:
                           "val_bytes": sets["val"].nbytes, "in_domains": list(IN_DOMAINS), "ood_domain": OOD_DOMAIN}
         res["data"] = data | {"corpus": counts}
         res["seconds_this_call"] = round(time.perf_counter() - t1)
+        # read just before writing: another track may have finished meanwhile in another process
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
         results[name] = res
         results_file.write_text(json.dumps(results, indent=1))
         plot(name, res, RESULTS / f"fusion-{name}.png")

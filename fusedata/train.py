@@ -74,7 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             ("lam", 0.0 <= self.lam <= 1.0, "must be between 0 and 1"),
-            ("lr", self.lr > 0, "must be > 0"),
+            ("lr", self.lr >= 0, "must be >= 0"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be between 0 and 1"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),

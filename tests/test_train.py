@@ -132,7 +132,7 @@ def test_warmup_ratio_is_a_share_of_the_run():
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("warmup_ratio", 1.0, "warmup_ratio: must be in"), ("warmup_ratio", -0.1, "warmup_ratio: must be in"),
-    ("lam", 1.5, "lam: must be between 0 and 1"), ("lr", 0.0, "lr: must be > 0"),
+    ("lam", 1.5, "lam: must be between 0 and 1"), ("lr", -1e-3, "lr: must be >= 0"),
     ("min_lr_ratio", 2.0, "min_lr_ratio: must be between"), ("grad_accum", 0, "grad_accum: must be >= 1"),
 ])
 def test_config_refuses_bad_values_by_name(field, value, message):
