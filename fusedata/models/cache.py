@@ -85,8 +85,8 @@ def perplexity(model_dir: Path, text: str | None = None) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = text if text is not None else PPL_TEXT_FILE.read_text(encoding="utf-8")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)  # fusedata wrote this folder
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     ids = tok(text, return_tensors="pt")["input_ids"][:, :512]  # [1, T]
     with torch.inference_mode():
@@ -104,9 +104,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file not found: {gguf_path}")
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
     )
     config = loaded.config
     if hasattr(config, "quantization_config"):
