@@ -18,6 +18,7 @@ import ray
 
 from fusedata.dataset import DatasetDir
 from fusedata.executor import ShardResult, ShardTask, Stage, process_shard
+from jobs.embedded_ray import start_local_ray
 
 
 class _ShardWorker:
@@ -47,7 +48,7 @@ def _bind_worker(make_stage: Callable[[], Stage], out_path: str) -> type:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray."""
+    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray (jobs/embedded_ray.py)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -61,8 +62,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         extra = {"_node_ip_address": "127.0.0.1"} if local else {}
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")  # the embedded instance talks over loopback only
+        start_local_ray(num_cpus)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
