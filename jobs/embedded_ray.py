@@ -1,5 +1,7 @@
-"""fusedata's own local Ray: on loopback only, gone with its driver.
+"""fusedata's own local Ray: on loopback only, never a cluster the user did not name, gone with its driver.
 
+- `address="local"`: `ray.init()` with no address joins a Ray already running on the machine (the one
+  `ray start` recorded in /tmp/ray/ray_current_cluster); "local" always starts a new instance.
 - Loopback: Ray turns a node address of 127.0.0.1 into the machine's LAN address
   (`services.resolve_ip_for_localhost`), and every server (GCS, raylet, core workers of the driver and
   the actors, dashboard agent, runtime-env agent) then listens on all interfaces. It keeps 127.0.0.1
@@ -48,7 +50,7 @@ def _loopback_only() -> Iterator[None]:
 def start_local_ray(num_cpus: int | None = None) -> None:
     """Start a new Ray instance for this process alone, every listener on 127.0.0.1."""
     with _loopback_only():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
                  logging_level="ERROR", log_to_driver=False, _node_ip_address=LOOPBACK)
     _start_reaper()
 

@@ -1,14 +1,17 @@
-"""fusedata's embedded Ray: every listener on loopback, nothing left after a killed driver.
+"""fusedata's embedded Ray: every listener on loopback, nothing left after a killed driver, and
+never a cluster the user did not name.
 
-Each driver is a subprocess (`init_ray` is process-global) with a private RAY_TMPDIR, so the
-instance it starts touches neither /tmp/ray nor another Ray on the machine; a process belongs to
-the instance when its command line names that folder or it descends from the driver.
+Each driver is a subprocess (`init_ray` is process-global) with a private RAY_TMPDIR, so neither
+the instance it starts nor the cluster it must not join touches /tmp/ray or another Ray on the
+machine; a process belongs to the instance when its command line names that folder or it descends
+from the driver.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 DRIVER = """
@@ -129,3 +133,30 @@ def test_embedded_ray_listens_on_loopback_only_and_goes_with_a_killed_driver(ray
         time.sleep(0.5)
     assert _listening(procs.values()) == []
     assert [(p.pid, p.name()) for p in _alive(procs.values())] == []
+
+
+def _ray_start_head(env: dict[str, str]) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
+                          "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return port
+
+
+def test_embedded_ray_never_joins_a_running_cluster(ray_tmp):
+    """A cluster started with `ray start` (recorded where `ray.init()` looks for one) is joined only
+    when named, and the driver says which Ray it uses."""
+    tmp, env = ray_tmp
+    port = _ray_start_head(env)
+    proc, gcs = _driver(env)
+    err = proc.communicate(timeout=120)[1]
+    assert not gcs.endswith(f":{port}"), f"joined the running cluster at {gcs}"
+    assert "started an embedded local Ray on 127.0.0.1" in err
+
+    proc, gcs = _driver(env, address=f"127.0.0.1:{port}")
+    err = proc.communicate(timeout=120)[1]
+    assert gcs.endswith(f":{port}")
+    assert f"using the cluster at 127.0.0.1:{port}" in err
