@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedata.errors import UsageError
-from fusedata.models.cache import BUNDLED, cache_root, convert_gguf, ensure_bundled
+from fusedata.models.cache import BUNDLED, CONVERSION_RECORD, cache_root, convert_gguf, ensure_bundled
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The one opt-in to running a model folder's own Python code (its config's `auto_map`).
@@ -40,7 +40,7 @@ def resolve(spec: str) -> ModelRef:
             raise UsageError(f"model file not found: {spec}")
         digest = _sha256(p)[:16]
         out = cache_root() / f"gguf-{p.stem}-{digest}"
-        if not (out / "config.json").is_file():
+        if not (out / CONVERSION_RECORD).is_file():  # converted and checked against the GGUF itself
             convert_gguf(p, out)
         return ModelRef(spec, str(out))
     if p.is_dir():
