@@ -39,12 +39,14 @@ def watch(driver_pid: int, ray_dir: str, stdin_closed: threading.Event) -> list[
         driver = psutil.Process(driver_pid)
     except psutil.NoSuchProcess:
         return []
-    while not stdin_closed.wait(POLL_S) and driver.is_running():
+    while True:
         try:
             for p in driver.children(recursive=True):
                 if p.pid != me and p.pid not in seen and is_ray_process(p, ray_dir):
                     seen[p.pid] = p
         except psutil.NoSuchProcess:
+            break
+        if stdin_closed.wait(POLL_S) or not driver.is_running():
             break
     return list(seen.values())
 
