@@ -90,6 +90,18 @@ def test_the_opt_in_lets_transformers_decide(tiny_llama, tmp_path, monkeypatch):
     assert spec.trust_remote_code(ModelRef("plain", str(tiny_llama))) is False  # no auto_map: nothing asked
 
 
+
+def test_the_vllm_engine_refuses_it_before_starting(tiny_llama, tmp_path, monkeypatch):
+    """The vLLM child gets `--trust-remote-code` only with the opt-in; without it nothing starts."""
+    from fusedata.vllm_backend import WORKER, VllmEngine
+
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    folder, marker = _evil_folder(tiny_llama, tmp_path)
+    with pytest.raises(UsageError, match="asks to run its own Python code"):
+        VllmEngine(str(folder), max_logprobs=1, max_model_len=8, python=sys.executable)
+    usage = subprocess.run([sys.executable, "-I", str(WORKER), "--help"], capture_output=True, text=True, timeout=60)
+    assert "--trust-remote-code" in usage.stdout and not marker.exists()
+
 # -- GGUF conversion: every one checked against the GGUF-loaded model ---------------------------------
 
 @pytest.fixture
