@@ -73,8 +73,8 @@ def main() -> None:
     from fusedata.vocab import exact_map, mined_map, token_texts
 
     cores = len(os.sched_getaffinity(0))
-    tgt_tok = AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m"))
-    src_tok = AutoTokenizer.from_pretrained(ensure_bundled("gemma3-270m"))
+    tgt_tok = AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m"), trust_remote_code=False)
+    src_tok = AutoTokenizer.from_pretrained(ensure_bundled("gemma3-270m"), trust_remote_code=False)
     tgt_texts, src_texts = token_texts(tgt_tok), token_texts(src_tok)
 
     articles = [line.strip() for line in LEE.read_text(encoding="utf-8").splitlines() if line.strip()]

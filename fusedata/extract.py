@@ -19,7 +19,15 @@ import pyarrow as pa
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.errors import UsageError
-from fusedata.models.spec import ModelRef, load_model, load_tokenizer, resolve, tokenizer_hash, weights_hash
+from fusedata.models.spec import (
+    ModelRef,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve,
+    tokenizer_hash,
+    weights_hash,
+)
 from fusedata.topk import TopK, tail_mass
 from schemas.topk import topk_schema
 
@@ -190,9 +198,7 @@ class ExtractStage:
         return self._nbytes
 
     def _vocab_size(self) -> int:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(self.ref.path)
+        cfg = load_config(self.ref)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return int(cfg.vocab_size)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusedata.errors import UsageError
+from fusedata.models.spec import ModelRef, trust_remote_code
 from fusedata.topk import TopK, tail_mass
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -89,6 +90,8 @@ class VllmEngine:
             "--kv-cache-bytes", str(int(kv_cache_gb * (1 << 30))), "--dtype", dtype,
             "--max-num-batched-tokens", str(batch_tokens),  # 0: the worker picks (see its batch_tokens)
         ]
+        if trust_remote_code(ModelRef(model_path, model_path)):  # refuses a folder that asks for code
+            cmd.append("--trust-remote-code")
         self._lock = threading.Lock()
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._verbose = os.environ.get("FUSEDATA_VLLM_VERBOSE", "") not in ("", "0")

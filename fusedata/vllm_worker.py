@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
         kv_cache_memory_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len,
         seed=0,
+        trust_remote_code=args.trust_remote_code,  # False unless fusedata's opt-in was given
         **batch_tokens(args.max_num_batched_tokens),
     )
     write_frame(fout, {"ready": np.array(vllm.__version__)})
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--kv-cache-bytes", type=int, required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-batched-tokens", type=int, default=0, help="0: 2048 on CPU, else vLLM's default")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model folder's own Python code run")
     args = p.parse_args()
     # keep the real stdout for frames; everything else written to fd 1 goes to stderr
     fout = os.fdopen(os.dup(1), "wb")

