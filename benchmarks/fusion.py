@@ -305,6 +305,14 @@ def summarise(name: str, state: dict[str, Any], seeds: list[int], arms: dict[str
         if arm != "clm" and len(seeds) >= 2:
             entry["diff_vs_clm"] = paired_difference(entry["bits_per_byte"], clm["bits_per_byte"]).as_dict()
             entry["ood_diff_vs_clm"] = paired_difference(entry["ood_bits_per_byte"], clm["ood_bits_per_byte"]).as_dict()
+    # the fused arms against each single teacher at the same λ: does fusing beat the best one?
+    for arm, entry in out["arms"].items():
+        base, _, lam = arm.partition("@")
+        if base in ("mince", "avgce") and len(seeds) >= 2:
+            entry["diff_vs_single"] = {
+                single: paired_difference(entry["bits_per_byte"], out["arms"][single]["bits_per_byte"]).as_dict()
+                for single in (f"self@{lam}" if lam else "self", f"gemma@{lam}" if lam else "gemma")
+                if single in out["arms"]}
     return out
 
 
@@ -331,6 +339,11 @@ def table(name: str, res: dict[str, Any]) -> str:
         verdict = "" if d is None else d["verdict"]
         lines.append(f"| {arm} | {lam} | {mean(e['bits_per_byte'])} | {diff(d)} | {verdict} | "
                      f"{mean(e['ood_bits_per_byte'])} | {diff(e.get('ood_diff_vs_clm'))} |")
+    fused = [(arm, e["diff_vs_single"]) for arm, e in res["arms"].items() if e.get("diff_vs_single")]
+    if fused:
+        lines += ["", "| fused arm | vs single teacher | Δ bits/byte [95% CI] | verdict |", "|---|---|---:|---|"]
+        for arm, diffs in fused:
+            lines += [f"| {arm} | {single} | {diff(d)} | {d['verdict']} |" for single, d in diffs.items()]
     return "\n".join(lines)
 
 
