@@ -179,6 +179,7 @@ class ExtractStage:
         if not 1 <= self.config.top_k <= self.vocab_size:
             raise UsageError(f"--top-k {self.config.top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.codec = get_codec(self.config.codec)
+        self.codec.check_k(self.config.top_k)  # before the run claims (and perhaps overwrites) its folder
         self.schema = topk_schema(self.codec.fields(), self.codec.metadata(), self.config.top_k)
 
     def token_nbytes(self) -> np.ndarray:

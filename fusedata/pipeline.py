@@ -265,14 +265,15 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
                       overwrite, quiet, log) for s in sources]
 
     f = root.sub("fuse") or _Section({}, "fuse")
-    fuse_cfg = FuseConfig(
-        method=f.get("method", str, "mince", ("mince", "avgce")), unit=f.get("unit", str, "window", ("window", "token")),
-        metric=f.get("metric", str, "byte", ("byte", "token")), temperature=f.get("temperature", float, 1.0),
-        k_out=f.positive("top_k", 0, zero_ok=True), codec=codec, include_target=f.get("include_target", bool, True),
-    )
+    try:
+        fuse_cfg = FuseConfig(
+            method=f.get("method", str, "mince", ("mince", "avgce")), unit=f.get("unit", str, "window", ("window", "token")),
+            metric=f.get("metric", str, "byte", ("byte", "token")), temperature=f.get("temperature", float, 1.0),
+            k_out=f.positive("top_k", 0, zero_ok=True), codec=codec, include_target=f.get("include_target", bool, True),
+        )
+    except OptionError as exc:
+        raise UsageError(exc.named("fuse.")) from None
     f.done()
-    if fuse_cfg.temperature <= 0:
-        raise UsageError("fuse.temperature: must be > 0")
     if not fuse_cfg.include_target and not sources:
         raise UsageError("fuse.include_target = false needs at least one source in models.sources")
     fuse = FuseJob(target_dir, [j.output for j in align], str(output / "fused"), fuse_cfg, overwrite, quiet, log)

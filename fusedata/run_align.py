@@ -272,6 +272,7 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     source = open_dataset(job.source, "topk")
     if source.run.get("corpus_hash") != target.run.get("corpus_hash"):
         raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
+    get_codec(job.config.codec).check_k(int(source.run["top_k"]))
     tgt_tok = _tokenizer_of(target.run, job.target)
     src_tok = _tokenizer_of(source.run, job.source)
     cache = Path(job.config.cache_dir) if job.config.cache_dir else cache_root().parent / "vocab"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
 from fusedata.dataset import DatasetDir, open_dataset, run_key, table_tokens
-from fusedata.errors import UsageError
+from fusedata.errors import OptionError, UsageError
 from fusedata.executor import Executor, LocalExecutor, run_stage
 from fusedata.fuse import fuse, token_metric_ce
 from schemas.fused import fused_schema
@@ -55,6 +56,20 @@ class FuseConfig:
     k_out: int = 0  # 0: the target's k
     codec: str = DEFAULT_CODEC
     include_target: bool = True  # False: fuse the sources only (plain distillation from one source)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", self.method in ("mince", "avgce"), "must be one of mince, avgce"),
+            ("unit", self.unit in ("window", "token"), "must be one of window, token"),
+            ("metric", self.metric in ("byte", "token"), "must be one of byte, token"),
+            # softmax(-CE / T): T = 0 divides by zero (NaN weights), T < 0 prefers the worst candidate
+            ("temperature", math.isfinite(self.temperature) and self.temperature > 0,
+             f"must be > 0, got {self.temperature}"),
+            ("k_out", self.k_out >= 0, "must be >= 0 (0: the target's k)"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise OptionError(name, message)
 
 
 def predicted_bytes(token_start: pa.ListArray, token_end: pa.ListArray) -> np.ndarray:
@@ -144,9 +159,6 @@ class FuseJob:
 
 def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
     executor = executor or LocalExecutor()
-    if job.config.method not in ("mince", "avgce") or job.config.unit not in ("window", "token") \
-            or job.config.metric not in ("byte", "token"):
-        raise UsageError("--method must be mince|avgce, --unit window|token, --metric byte|token")
     target = open_dataset(job.target, "topk")
     sources = [open_dataset(a, "aligned") for a in job.aligned]
     for path, m in zip(job.aligned, sources, strict=True):
@@ -156,6 +168,7 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
             raise UsageError(f"{path}: its shards differ from the target's {job.target}")
     if not job.config.include_target and not sources:
         raise UsageError("--no-target needs at least one --aligned source")
+    get_codec(job.config.codec).check_k(job.config.k_out or int(target.run["top_k"]))
     candidates = [target.run["model"]] * job.config.include_target + [m.run["source"]["model"] for m in sources]
     run = {
         "stage": "fuse",

@@ -215,3 +215,30 @@ def test_train_refuses_bad_options_by_name(tmp_path, option, value, pattern):
                                        "--output", str(tmp_path / "ckpt"), option, value])
     _assert_usage_error(result.exit_code, result.stderr, result, pattern)
     assert not (tmp_path / "ckpt").exists()
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_refused_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, finished, spine, tmp_path):
+    """--overwrite replaces a dataset only once the new run has been validated: a k above the
+    codec's limit or an AvgCE temperature of 0 stops before anything is deleted."""
+    topk = _copy_dataset(finished, tmp_path / "topk")
+    before = _snapshot(topk)
+    _assert_usage_error(*_extract(tiny_llama, corpus_file, topk, "--top-k", "300", "--overwrite"),
+                        r"zq: k=300 outside 1\.\.254")
+    assert _snapshot(topk) == before
+
+    fused = _copy_dataset(spine / "fused", tmp_path / "fused")
+    before = _snapshot(fused)
+    for temperature in ("0", "-1", "nan"):
+        result = CliRunner().invoke(main, ["fuse", "--target", str(spine / "topk/llama"), "--aligned",
+                                           str(spine / "aligned/gemma"), "--output", str(fused), "--method", "avgce",
+                                           "--temperature", temperature, "--overwrite", "--executor", "local",
+                                           "--quiet"])
+        _assert_usage_error(result.exit_code, result.stderr, result, r"error: --temperature: must be > 0")
+    assert _snapshot(fused) == before

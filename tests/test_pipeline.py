@@ -227,3 +227,9 @@ def test_plan_measured_rate(tiny_llama, corpus_file, tmp_path):
     text = text.replace('sources = [{ name = "gemma", model = ', 'sources = [{ name = "llama2", model = ')
     plan = plan_pipeline(_write(tmp_path, text), sample_docs=2, measure=True)
     assert plan["models"][0]["rate_from"] == "measured" and plan["models"][0]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan"])
+def test_fuse_temperature_must_be_positive(tmp_path, value):
+    with pytest.raises(UsageError, match=r"fuse\.temperature: must be > 0"):
+        load_pipeline(_write(tmp_path, MINIMAL + f'[fuse]\nmethod = "avgce"\ntemperature = {value}\n'))

@@ -51,6 +51,7 @@ CHILDREN = (
 )
 PAYLOAD = CHILDREN[1:]  # covered by the crc32, in this order
 ESC = 255
+MAX_K = 254  # entries per position a zq column can hold
 TAIL_ZERO = 1e-30
 TAIL_ZERO_CODE = 0xFFFF
 MAX_ID = 1 << 24
@@ -159,11 +160,14 @@ class ZqCodec(Codec):
     def fields(self) -> list[pa.Field]:
         return [pa.field(COLUMN, pa.struct([pa.field(c, pa.binary(), nullable=False) for c in CHILDREN]))]
 
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= MAX_K:
+            raise CodecError(f"zq: k={k} outside 1..{MAX_K}")
+
     # -- encode ------------------------------------------------------------------------
     def encode(self, topk: TopK) -> dict[str, pa.Array]:
         n, k = topk.ids.shape
-        if not 1 <= k <= 254:
-            raise CodecError(f"zq: k={k} outside 1..254")
+        self.check_k(k)
         ids = topk.ids.astype(np.int64)  # [n, k]
         pad = ids == PAD_ID  # padding entries (a merged distribution with fewer than k ids)
         if np.any(pad[:, :-1] & ~pad[:, 1:]):
