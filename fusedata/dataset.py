@@ -14,7 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 RUN_NAME = "_run.json"
 SHARD_GLOB = "shard-*.parquet"
 TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
+SHARD_RE = re.compile(r"shard-\d{5}\.parquet")  # names shard_name() gives
+TMP_RE = re.compile(r"\..+\.tmp-\d+")
+STAGES = frozenset({"extract", "align", "fuse", "explore"})  # the `stage` of every run record fusedata writes
 ZSTD_LEVEL = 6
 
 
@@ -109,17 +112,60 @@ class DatasetDir:
     def is_complete(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
 
-    def begin(self, run: dict[str, Any], overwrite: bool = False) -> None:
-        """Claim the folder for `run`; refuse a folder that holds a different run."""
+    def recorded_run(self) -> dict[str, Any] | None:
+        """The run record of a folder fusedata wrote (its `_run.json`, else its manifest's run), or
+        None: a `_run.json` must be a fusedata run record (a table naming its stage), not just any JSON."""
+        run_file = self.path / RUN_NAME
+        if run_file.is_file():
+            try:
+                record = json.loads(run_file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return record if isinstance(record, dict) and record.get("stage") in STAGES else None
+        if (self.path / MANIFEST_NAME).is_file():
+            try:
+                return Manifest.read(self.path).run
+            except ValueError:
+                return None
+        return None
+
+    def own_files(self) -> list[Path]:
+        """What fusedata wrote here: the shards the manifest lists, shards and temporary files of an
+        unfinished run (by their names), the manifest and the run record. Nothing else."""
+        listed: set[str] = set()
+        if (self.path / MANIFEST_NAME).is_file():
+            try:
+                listed = {s.name for s in Manifest.read(self.path).shards}
+            except ValueError:
+                pass
+        found = [p for p in self.path.iterdir() if p.is_file() and (
+            p.name in listed or SHARD_RE.fullmatch(p.name) or TMP_RE.fullmatch(p.name)
+            or p.name in (MANIFEST_NAME, RUN_NAME))]
+        return sorted(found)
+
+    def remove_own(self, owned: tuple[str, ...] = ()) -> None:
+        """Delete what fusedata wrote here (`own_files`), plus the `owned` names the caller wrote
+        (files, or sub-folders that are datasets themselves); the folder and anything else stay."""
+        for p in self.own_files():
+            p.unlink(missing_ok=True)
+        for name in owned:
+            p = self.path / name
+            if p.is_dir():
+                DatasetDir(p).remove_own()
+                if not any(p.iterdir()):
+                    p.rmdir()
+            elif p.is_file():
+                p.unlink()
+
+    def begin(self, run: dict[str, Any], overwrite: bool = False, owned: tuple[str, ...] = ()) -> None:
+        """Claim the folder for `run`; refuse a folder that holds a different run. With `overwrite`,
+        another run's files are deleted (only those: see `remove_own`); `owned` names the files and
+        sub-folders beyond shards that the caller writes here."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"output {self.path} exists and is not a folder")
         run_file = self.path / RUN_NAME
         if self.path.is_dir() and any(self.path.iterdir()):
-            previous = None
-            if run_file.is_file():
-                previous = json.loads(run_file.read_text(encoding="utf-8"))
-            elif (self.path / MANIFEST_NAME).is_file():
-                previous = Manifest.read(self.path).run
+            previous = self.recorded_run()
             if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
                 raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
             if not same_run(previous, run):
@@ -128,7 +174,7 @@ class DatasetDir:
                         f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
                         "choose another folder or pass --overwrite"
                     )
-                shutil.rmtree(self.path)
+                self.remove_own(owned)
             elif previous != run and run_file.is_file():  # same run, model found elsewhere now
                 atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
         self.path.mkdir(parents=True, exist_ok=True)
@@ -181,6 +227,16 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
     return f" (differs in {shown})" if shown else ""
+
+
+def refuse_input_inside(output: str | Path, inputs: list[str | Path]) -> None:
+    """Refuse an output folder that is, or contains, one of the run's inputs: overwriting it
+    would delete the input, and the input's files would be taken for another run's."""
+    out = Path(output).resolve()
+    for p in inputs:
+        q = Path(p).resolve()
+        if q == out or out in q.parents:
+            raise UsageError(f"output folder {output} contains the input {p}; choose another folder")
 
 
 def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from fusedata.dataset import DatasetDir, same_run
+from fusedata.dataset import DatasetDir, refuse_input_inside, same_run
 
 
 class Stage(Protocol):
@@ -107,6 +107,7 @@ def run_stage(
     make_task: Callable[[str], ShardTask] = shard_name_task,
     count_docs: bool = False,
     overwrite: bool = False,
+    inputs: list[str] = (),  # type: ignore[assignment]
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> Any:
@@ -116,6 +117,7 @@ def run_stage(
     from fusedata.progress import StageProgress
     from schemas.manifest import Manifest
 
+    refuse_input_inside(output, list(inputs))
     out = DatasetDir(output)
     if out.is_complete() and same_run(Manifest.read(out.path).run, run):
         log(f"{out.path}: already complete, nothing to do")

@@ -308,7 +308,7 @@ def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
     manifest = run_stage(
         kind="aligned", output=job.output, run=run, names=[s.name for s in target.shards], executor=executor,
         make_stage=make, stats=stats, label=f"align {source.run['model']} -> {target.run['model']}",
-        overwrite=job.overwrite, quiet=job.quiet, log=job.log,
+        overwrite=job.overwrite, inputs=[job.target, job.source], quiet=job.quiet, log=job.log,
     )
     stats = manifest.stats
     share = ", ".join(f"{k} {v:.1%}" for k, v in stats["kinds"].items())

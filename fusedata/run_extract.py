@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from fusedata.corpus import read_corpus, shard_docs
+from fusedata.corpus import expand_inputs, read_corpus, shard_docs
 from fusedata.dataset import DatasetDir, shard_name
 from fusedata.executor import Executor, LocalExecutor, ShardTask, run_stage
 from fusedata.extract import ExtractConfig, ExtractStage, corpus_hash
@@ -58,7 +58,8 @@ def run_extract(job: ExtractJob, executor: Executor | None = None) -> Manifest:
     manifest = run_stage(
         kind="topk", output=job.output, run=run, names=list(by_name), executor=executor, stats=stats,
         make_stage=functools.partial(ExtractStage, job.config, stage.ref), label=f"extract {job.config.model}",
-        make_task=lambda n: ShardTask(n, by_name[n]), count_docs=True, overwrite=job.overwrite, quiet=job.quiet,
+        make_task=lambda n: ShardTask(n, by_name[n]), count_docs=True, overwrite=job.overwrite,
+        inputs=[str(p) for p, _ in expand_inputs(job.inputs)], quiet=job.quiet,
         log=job.log,
     )
     job.log(

@@ -194,7 +194,7 @@ def run_fuse(job: FuseJob, executor: Executor | None = None) -> Manifest:
         kind="fused", output=job.output, run=run, names=names, executor=executor,
         make_stage=functools.partial(FuseStage, *stage_args), label="fuse",
         stats=lambda out, names, rate: fused_stats(out, names, candidates),
-        overwrite=job.overwrite, quiet=job.quiet, log=job.log,
+        overwrite=job.overwrite, inputs=[job.target, *job.aligned], quiet=job.quiet, log=job.log,
     )
     stats = manifest.stats
     share = ", ".join(f"{c} {s:.1%}" for c, s in zip(candidates, stats["winning_share"], strict=True))

@@ -317,3 +317,40 @@ def test_bad_input_leaves_a_finished_folder_alone(tiny_llama, corpus_file, refer
     with pytest.raises(UsageError, match="no such file or folder"):
         run_extract(_job(tiny_llama, tmp_path / "missing.jsonl", reference_run))
     assert _snapshot(reference_run) == before
+
+
+def test_overwrite_deletes_only_what_fusedata_wrote(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "topk"
+    run_extract(_job(tiny_llama, corpus_file, out))
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    (out / "shard-00007.parquet.bak").write_bytes(b"a backup")
+    manifest = run_extract(_job(tiny_llama, corpus_file, out, top_k=6, overwrite=True))
+    assert manifest.run["top_k"] == 6
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "a.png").read_bytes() == b"png"
+    assert (out / "shard-00007.parquet.bak").is_file()
+    assert sorted(p.name for p in out.glob("shard-*.parquet")) == sorted(s.name for s in manifest.shards)
+
+
+def test_output_folder_holding_the_input_is_refused(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = out / "corpus.jsonl"
+    inside.write_bytes(corpus_file.read_bytes())
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=rf"output folder {out} contains the input {inside}"):
+            run_extract(ExtractJob([str(inside)], str(out), ExtractConfig(model=str(tiny_llama), top_k=K),
+                                   overwrite=overwrite, quiet=True, log=lambda m: None))
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.jsonl"]
+
+
+@pytest.mark.parametrize("record", ['{"a": 1}', "[1, 2]", "not json"])
+def test_a_run_json_that_fusedata_did_not_write_proves_nothing(tiny_llama, corpus_file, tmp_path, record):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / RUN_NAME).write_text(record, encoding="utf-8")
+    (folder / "data.csv").write_text("1,2", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"holds files fusedata did not write"):
+        run_extract(_job(tiny_llama, corpus_file, folder, overwrite=True))
+    assert sorted(p.name for p in folder.iterdir()) == [RUN_NAME, "data.csv"]
