@@ -33,10 +33,9 @@ def build_datasets(args: argparse.Namespace, work: Path) -> None:
     """Corpus, top-k of both models, alignment and the three fused datasets (each resumable)."""
     from fusedata.corpus import read_corpus
     from fusedata.demo_corpus import build_demo_corpus
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_align import AlignConfig, AlignJob, run_align
-    from fusedata.run_extract import ExtractJob, run_extract
-    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
     quiet = {"quiet": True, "log": log}
     # corpus: enough documents of the four domains for the budget (documents average ~200 tokens;

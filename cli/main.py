@@ -39,7 +39,7 @@ def main() -> None:
 
 def _executor(executor: str, address: str | None, workers: int):
     if executor == "local" and not address:
-        from fusedata.executor import LocalExecutor
+        from fusedata.stages.base import LocalExecutor
 
         return LocalExecutor()
     from jobs.ray_executor import RayExecutor
@@ -55,6 +55,39 @@ executor_options = [
 ]
 
 
+def config_default(cls: type, name: str):
+    """An option's default, read from the config dataclass that defines it (once, there)."""
+    from dataclasses import MISSING, fields
+
+    value = next(f.default for f in fields(cls) if f.name == name)
+    assert value is not MISSING, f"{cls.__name__}.{name} has no default"
+    return value
+
+
+def _extract_default(name: str):
+    from fusedata.stages.extract import ExtractConfig
+
+    return config_default(ExtractConfig, name)
+
+
+def _job_default(name: str):
+    from fusedata.stages.extract import ExtractJob
+
+    return config_default(ExtractJob, name)
+
+
+def _align_default(name: str):
+    from fusedata.stages.align import AlignConfig
+
+    return config_default(AlignConfig, name)
+
+
+def _fuse_default(name: str):
+    from fusedata.stages.fuse import FuseConfig
+
+    return config_default(FuseConfig, name)
+
+
 def with_executor(f):
     for opt in reversed(executor_options):
         f = opt(f)
@@ -65,24 +98,25 @@ def with_executor(f):
 @click.option("--model", required=True, help="Bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id.")
 @click.option("--input", "inputs", required=True, multiple=True, help="JSONL/Parquet/text file, glob or folder (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
-@click.option("--top-k", default=10, show_default=True, help="Distribution entries kept per position.")
-@click.option("--max-length", default=1024, show_default=True, help="Tokens per window; longer documents are split.")
-@click.option("--batch-tokens", default=0, type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
-@click.option("--text-field", default="text", show_default=True, help="Text field of JSONL/Parquet records.")
-@click.option("--id-field", default="id", show_default=True, help="Document id field (else file:line).")
+@click.option("--top-k", default=_extract_default("top_k"), show_default=True, help="Distribution entries kept per position.")
+@click.option("--max-length", default=_extract_default("max_length"), show_default=True, help="Tokens per window; longer documents are split.")
+@click.option("--batch-tokens", default=_extract_default("batch_tokens"), type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
+@click.option("--text-field", default=_job_default("text_field"), show_default=True, help="Text field of JSONL/Parquet records.")
+@click.option("--id-field", default=_job_default("id_field"), show_default=True, help="Document id field (else file:line).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed JSONL lines instead of stopping.")
-@click.option("--docs-per-shard", default=64, show_default=True, help="Documents per output shard (unit of resume).")
+@click.option("--docs-per-shard", default=_job_default("docs_per_shard"), show_default=True, help="Documents per output shard (unit of resume).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--threads", default=0, help="torch threads per worker (0: torch default).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+@click.option("--device", default=_extract_default("device"), show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=_extract_default("dtype"),
+              show_default=True)
+@click.option("--threads", default=_extract_default("threads"), help="torch threads per worker (0: torch default).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=_extract_default("backend"), show_default=True,
               help="hf: transformers forward; vllm: a vLLM engine per worker, in its own environment "
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
-@click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--vllm-kv-cache-gb", default=_extract_default("vllm_kv_cache_gb"), show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="vLLM KV cache size per worker.")
-@click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
-@click.option("--vllm-batch-tokens", default=0, type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
+@click.option("--vllm-threads", default=_extract_default("vllm_threads"), help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
+@click.option("--vllm-batch-tokens", default=_extract_default("vllm_batch_tokens"), type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
@@ -92,8 +126,7 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
             executor, address, workers):
     """Run a model over a corpus and keep each position's top-k next-token distribution."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_extract import ExtractJob, run_extract
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 
     config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
                            device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
@@ -101,7 +134,7 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
                            vllm_batch_tokens=vllm_batch_tokens)
     job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
                      overwrite, quiet, log=lambda m: click.echo(m, err=True))
-    run_extract(job, _executor(executor, address, workers))  # GPUs per worker: see ExtractConfig.wants_gpu
+    run_extract(job, _executor(executor, address, workers))
 
 
 
@@ -136,7 +169,7 @@ def inspect_cmd(path, as_json, plot_dir):
         summary = summarize_explore(path)
         click.echo(json.dumps(summary, indent=2) if as_json else render_explore(summary, load_tree(path)))
     else:
-        from fusedata.inspect import plot, render, summarize
+        from fusedata.report import plot, render, summarize
 
         summary = summarize(path)
         click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
@@ -151,13 +184,14 @@ def inspect_cmd(path, as_json, plot_dir):
 @click.option("--aligned", "aligned", multiple=True, type=click.Path(file_okay=False),
               help="Aligned source datasets (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Fused dataset folder.")
-@click.option("--method", type=click.Choice(["mince", "avgce"]), default="mince", show_default=True)
-@click.option("--unit", type=click.Choice(["window", "token"]), default="window", show_default=True,
+@click.option("--method", type=click.Choice(["mince", "avgce"]), default=_fuse_default("method"), show_default=True)
+@click.option("--unit", type=click.Choice(["window", "token"]), default=_fuse_default("unit"), show_default=True,
               help="Choose/weight per whole window (the paper) or per token.")
-@click.option("--metric", type=click.Choice(["byte", "token"]), default="byte", show_default=True,
+@click.option("--metric", type=click.Choice(["byte", "token"]), default=_fuse_default("metric"), show_default=True,
               help="Window comparison: CE per byte on each model's own tokens, or per target token.")
-@click.option("--temperature", default=1.0, show_default=True, help="AvgCE: weights = softmax(-CE / T).")
-@click.option("--top-k", "k_out", default=0, help="Entries kept per position (0: the target's k).")
+@click.option("--temperature", default=_fuse_default("temperature"), show_default=True,
+              help="AvgCE: weights = softmax(-CE / T), T > 0.")
+@click.option("--top-k", "k_out", default=_fuse_default("k_out"), help="Entries kept per position (0: the target's k).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
 @click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
 @click.option("--overwrite", is_flag=True)
@@ -167,20 +201,18 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
          executor, address, workers):
     """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
-    config = FuseConfig(method, unit, metric, temperature, k_out, codec or DEFAULT_CODEC, not no_target)
+    config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
+                        codec=codec or DEFAULT_CODEC, include_target=not no_target)
     job = FuseJob(target, list(aligned), output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 
 
 def _train_default(name: str):
-    """A `fusedata train` option's default, read from TrainConfig (defined once, there)."""
-    from dataclasses import fields
-
     from fusedata.train import TrainConfig
 
-    return next(f.default for f in fields(TrainConfig) if f.name == name)
+    return config_default(TrainConfig, name)
 
 
 @main.command()
@@ -229,21 +261,21 @@ def train(data, model, output, **options):
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source model's topk dataset.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Aligned dataset folder.")
-@click.option("--vocab", type=click.Choice(["mined", "exact"]), default="mined", show_default=True,
+@click.option("--vocab", type=click.Choice(["mined", "exact"]), default=_align_default("vocab"), show_default=True,
               help="Vocabulary map: minimum edit distance (MinED) or exact match (EM).")
-@click.option("--sequence", type=click.Choice(["bytes", "dtw"]), default="bytes", show_default=True,
+@click.option("--sequence", type=click.Choice(["bytes", "dtw"]), default=_align_default("sequence"), show_default=True,
               help="Position alignment: by byte offsets (linear time) or DTW over token strings.")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--cache-dir", default="", help="Where vocabulary maps are cached (default: beside the model cache).")
+@click.option("--cache-dir", default=_align_default("cache_dir"), help="Where vocabulary maps are cached (default: beside the model cache).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @with_executor
 def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, quiet, executor, address, workers):
     """Express a source model's distributions on the target's positions and vocabulary."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.run_align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
 
-    config = AlignConfig(vocab, sequence, codec or DEFAULT_CODEC, cache_dir)
+    config = AlignConfig(vocab=vocab, sequence=sequence, codec=codec or DEFAULT_CODEC, cache_dir=cache_dir)
     job = AlignJob(target, source, output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
     run_align(job, _executor(executor, address, workers))
 
@@ -278,9 +310,10 @@ from cli.publish_cmd import publish  # noqa: E402
 main.add_command(publish)
 
 
-if __name__ == "__main__":
-    main()
-
 from cli.explore_cmd import explore  # noqa: E402
 
 main.add_command(explore)
+
+
+if __name__ == "__main__":  # after every command is registered: `python -m cli.main explore --help`
+    main()

@@ -53,6 +53,30 @@ def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return run_key(a) == run_key(b)
 
 
+def run_digest(run: dict[str, Any]) -> str:
+    """A short identity of a run (used to tie derived datasets to their inputs); where the model
+    was found (model_path) is not part of it."""
+    return hashlib.sha256(json.dumps(run_key(run), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What a dataset made against a target (aligned, fused) must agree on with that target's topk run.
+TARGET_KEYS = ("tokenizer_hash", "corpus_hash", "max_length", "docs_per_shard", "model_hash")
+
+
+def target_identity(target_run: dict[str, Any]) -> dict[str, Any]:
+    """The `target` entry of a derived dataset's run record."""
+    return {k: target_run.get(k) for k in TARGET_KEYS} | {"model": target_run["model"]}
+
+
+def check_same_target(target: Manifest, target_path: str, other: Manifest, other_path: str) -> None:
+    """Refuse a derived dataset that was made against another target, saying what differs."""
+    recorded = other.run.get("target", {})
+    diffs = [k for k in TARGET_KEYS if recorded.get(k) != target.run.get(k)]
+    if diffs:
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} vs {target.run.get(k)!r}" for k in diffs)
+        raise UsageError(f"{other_path} was made against a different target than {target_path} ({shown})")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
@@ -256,3 +280,31 @@ def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
     if missing:
         raise UsageError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:10])}")
     return manifest
+
+
+def verify_dataset(path: str | Path) -> list[str]:
+    """Shards of a finished dataset whose bytes no longer match the sha256 in its manifest (or
+    that are missing). An unfinished folder (no manifest) has nothing to check against: []."""
+    folder = Path(path)
+    if not (folder / MANIFEST_NAME).is_file():
+        return []
+    try:
+        manifest = Manifest.read(folder)
+    except ValueError:
+        return [MANIFEST_NAME]
+    bad = []
+    for s in manifest.shards:
+        p = folder / s.name
+        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
+            bad.append(s.name)
+    return bad
+
+
+def repair_dataset(path: str | Path, bad: list[str]) -> None:
+    """Delete the damaged shards and the manifest, so the stage's next run recomputes exactly
+    those shards (the run identity in `_run.json` is kept: it is still the same run)."""
+    folder = Path(path)
+    for name in bad:
+        if name.startswith("shard-"):
+            (folder / name).unlink(missing_ok=True)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)

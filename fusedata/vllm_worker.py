@@ -2,8 +2,9 @@
 
 Runs in the vLLM environment (`make vllm` builds `.venv-vllm`), which has its own torch and
 transformers, so this file imports vllm and numpy only, never fusedata. It is started as a
-script with the isolated flag (`python -I .../vllm_worker.py ...`): the folder holding it is
-not put on sys.path (fusedata's own `inspect.py` would shadow the standard library).
+script with the isolated flag (`python -I .../vllm_worker.py ...`), so nothing of the caller's
+environment reaches it: neither PYTHONPATH and the user site (fusedata's environment) nor the
+folder holding it (fusedata's modules, which are not importable without their dependencies).
 
 Protocol (fusedata/vllm_backend.py is the other side), frames on stdin/stdout, each an
 8-byte little-endian length followed by an `np.savez` archive (no pickles):

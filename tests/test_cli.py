@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import unreadable
 
-import fusedata.executor
+import fusedata.stages.base
 from cli.main import main
 from schemas.manifest import MANIFEST_NAME, Manifest
 
@@ -167,7 +167,7 @@ def test_another_runs_folder(tiny_llama, corpus_file, finished, tmp_path):
 
 
 def test_interrupt_keeps_finished_shards(tiny_llama, corpus_file, tmp_path, monkeypatch):
-    real = fusedata.executor.process_shard
+    real = fusedata.stages.base.process_shard
     calls = {"n": 0}
 
     def process_shard(*args, **kw):
@@ -176,7 +176,7 @@ def test_interrupt_keeps_finished_shards(tiny_llama, corpus_file, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", process_shard)
     out = tmp_path / "out"
     code, stderr, _ = _extract(tiny_llama, corpus_file, out)
     assert code == 130

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from fusedata.codec import decode_topk
-from fusedata.inspect import plot, summarize
+from fusedata.report import plot, summarize
 
 
 def test_fused_dataset_loads_with_datasets_polars_duckdb(spine):

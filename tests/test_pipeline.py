@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import fusedata.pipeline
+import fusedata.pipeline.plan
 from cli.main import main
 from fusedata.codec import decode_topk
 from fusedata.errors import UsageError
@@ -216,7 +216,7 @@ def test_plan_estimates(tiny_llama, tiny_gemma, corpus_file, tmp_path, monkeypat
     assert "extract llama" in text and "free disk" in text
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(fusedata.pipeline.shutil, "disk_usage", lambda p: usage(10_000, 9_990, 10))
+    monkeypatch.setattr(fusedata.pipeline.plan.shutil, "disk_usage", lambda p: usage(10_000, 9_990, 10))
     plan = plan_pipeline(path, sample_docs=3)
     assert any("not enough disk" in w for w in plan["warnings"])
     assert "warning: not enough disk" in render_plan(plan)

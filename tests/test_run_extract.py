@@ -15,12 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import fusedata.dataset
-import fusedata.executor
+import fusedata.stages.base
 from fusedata.codec import DEFAULT_CODEC, codec_from_schema, get_codec
 from fusedata.dataset import RUN_NAME, open_dataset
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig, ExtractStage
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.extract import ExtractConfig, ExtractJob, ExtractStage, run_extract
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.topk import topk_schema
 
@@ -185,7 +184,7 @@ def _fail_after(monkeypatch, n_ok: int, during_write: bool) -> None:
 
         monkeypatch.setattr(fusedata.dataset.pq, "write_table", write_table)
     else:
-        real_process = fusedata.executor.process_shard
+        real_process = fusedata.stages.base.process_shard
 
         def process_shard(*args, **kw):
             calls["n"] += 1
@@ -193,7 +192,7 @@ def _fail_after(monkeypatch, n_ok: int, during_write: bool) -> None:
                 raise Interrupt("worker lost")
             return real_process(*args, **kw)
 
-        monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+        monkeypatch.setattr(fusedata.stages.base, "process_shard", process_shard)
 
 
 @pytest.mark.parametrize("during_write", [False, True], ids=["in-stage", "during-write"])
@@ -239,7 +238,7 @@ def test_rerun_of_complete_run_is_a_noop(tiny_llama, corpus_file, reference_run,
     def no_work(*args, **kw):
         raise AssertionError("a complete run must not compute anything")
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", no_work)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", no_work)
     monkeypatch.setattr(ExtractStage, "setup", no_work)
     logs: list[str] = []
     manifest = run_extract(_job(tiny_llama, corpus_file, reference_run, logs))

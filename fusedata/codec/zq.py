@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from fusedata.codec.base import Codec, CodecError, register
-from fusedata.topk import TopK
+from fusedata.topk import PAD_ID, TopK
 
 MAGIC = b"FDZQ"
 HDR = struct.Struct("<4sBBHIIII")  # magic, version, reserved, k, n, n_esc, n_gold_out, crc32
@@ -55,7 +55,6 @@ MAX_K = 254  # entries per position a zq column can hold
 TAIL_ZERO = 1e-30
 TAIL_ZERO_CODE = 0xFFFF
 MAX_ID = 1 << 24
-PAD_ID = -1  # padding entry in memory (fusedata.fuse.PAD_ID)
 PAD_CODE = MAX_ID - 1  # how a padding id is stored; real ids are below it
 
 
