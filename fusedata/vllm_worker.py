@@ -149,7 +149,7 @@ CPU_ENGINE_STEP_TOKENS = 2048
 def batch_tokens(requested: int) -> dict[str, int]:
     """The engine's token budget per step: as requested, else 2,048 on CPU and vLLM's own default
     elsewhere. On CPU every prompt position's log-softmax over the vocabulary is materialised, so
-    vLLM's CPU default of 4,096 is memory-bound: 2,048 ran ~10 % faster (SmolLM2, 2 cores)."""
+    vLLM's CPU default of 4,096 is memory-bound and slower (benchmarks/extract.py --vllm)."""
     if requested > 0:
         return {"max_num_batched_tokens": requested}
     from vllm.platforms import current_platform

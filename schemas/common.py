@@ -19,11 +19,6 @@ def with_kind(schema: pa.Schema, kind: str, version: int, extra: dict[bytes, byt
     return schema.with_metadata(meta)
 
 
-def kind_of(schema: pa.Schema) -> str | None:
-    raw = (schema.metadata or {}).get(SCHEMA_KEY)
-    return raw.decode() if raw else None
-
-
 def k_of(schema: pa.Schema) -> int:
     raw = (schema.metadata or {}).get(K_KEY)
     if raw is None:

@@ -89,7 +89,3 @@ def codec_from_schema(schema: pa.Schema, source: str = "") -> Codec:
         return codec_from_spec(json.loads(raw))
     except CodecError as exc:
         raise CodecError(f"{source}: {exc}") from None
-
-
-def available() -> list[str]:
-    return sorted(_LATEST)

@@ -262,7 +262,7 @@ class ExtractStage(Stage):
         wins = self.windows(docs)
         per_window: list[TopK | None] = [None] * len(wins)
         # vLLM schedules its own batches: handing it many windows per call keeps its engine busy
-        # (measured on CPU: 2,048-token calls ran ~20 % slower than 32k-token calls)
+        # (small calls are slower; benchmarks/extract.py --vllm measures it)
         budget = max(self.batch_tokens(), VLLM_CALL_TOKENS) if self.engine is not None else self.batch_tokens()
         for batch in batch_by_budget([len(w.ids) for w in wins], budget):
             for i, topk in zip(batch, self.forward([wins[i].ids for i in batch]), strict=True):
