@@ -238,6 +238,7 @@ def _train_default(name: str):
 @click.option("--device", default=_train_default("device"), show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=_train_default("dtype"), show_default=True)
 @click.option("--save-every", default=_train_default("save_every"), help="Checkpoint every N steps (0: at the end).")
+@click.option("--log-every", default=_train_default("log_every"), help="Log every N steps (0: never).")
 @click.option("--threads", default=_train_default("threads"))
 @click.option("--init-config", default=_train_default("init_config"), type=click.Path(dir_okay=False),
               help="Train a fresh model of this config JSON (e.g. a small student) with --model's tokenizer.")

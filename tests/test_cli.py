@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -242,3 +243,47 @@ def test_refused_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, finish
                                            "--quiet"])
         _assert_usage_error(result.exit_code, result.stderr, result, r"error: --temperature: must be > 0")
     assert _snapshot(fused) == before
+
+
+def test_python_m_cli_main_knows_every_command(tmp_path):
+    """`python -m cli.main` registers every command before it runs (explore came after the guard)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command in ("explore", "publish", "run", "extract"):
+        done = subprocess.run([sys.executable, "-m", "cli.main", command, "--help"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"Usage: python -m cli.main {command}" in done.stdout
+
+
+@pytest.mark.parametrize("command, config, skip, renamed", [
+    ("extract", "fusedata.stages.extract:ExtractConfig", {"codec"}, {}),
+    ("extract", "fusedata.stages.extract:ExtractJob", {"config", "log"}, {}),
+    ("align", "fusedata.stages.align:AlignConfig", {"codec"}, {}),
+    ("align", "fusedata.stages.align:AlignJob", {"config", "log"}, {}),
+    ("fuse", "fusedata.stages.fuse:FuseConfig", {"codec", "include_target"}, {}),
+    ("fuse", "fusedata.stages.fuse:FuseJob", {"config", "log"}, {}),
+    ("train", "fusedata.train:TrainConfig", set(), {}),
+])
+def test_cli_options_are_the_config_fields(command, config, skip, renamed):
+    """Every field of a stage's config is a command-line option with the dataclass's default (the
+    codec's default is resolved at run time; --no-target is include_target's negation)."""
+    import dataclasses
+    import importlib
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    params = {p.name: p for p in main.commands[command].params}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("internal"):
+            continue
+        param = params.get(renamed.get(f.name, f.name))
+        assert param is not None, f"{command}: no option for {name}.{f.name}"
+        if f.default is not dataclasses.MISSING and not param.required:
+            default = param.get_default(click.Context(main.commands[command]))
+            assert default == f.default, f"{command} --{f.name}: {param.default!r} != {f.default!r}"
+    assert "no_target" in params if command == "fuse" else True
