@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 import fusedata
 from fusedata.errors import UsageError
+from schemas.common import without_descriptions
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
 RUN_NAME = "_run.json"
@@ -107,6 +108,7 @@ def stat_columns(schema: pa.Schema) -> list[str]:
 
 def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None:
     """Write `table` (cast to `schema`, which is enforced) to `path` via a temporary name."""
+    schema = without_descriptions(schema)
     try:
         table = table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
