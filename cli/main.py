@@ -55,37 +55,37 @@ executor_options = [
 ]
 
 
-def config_default(cls: type, name: str):
-    """An option's default, read from the config dataclass that defines it (once, there)."""
-    from dataclasses import MISSING, fields
+def config_field(cls: type, name: str):
+    """A config dataclass's field: an option's default and choices are defined once, there."""
+    from dataclasses import fields
 
-    value = next(f.default for f in fields(cls) if f.name == name)
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def config_default(cls: type, name: str):
+    from dataclasses import MISSING
+
+    value = config_field(cls, name).default
     assert value is not MISSING, f"{cls.__name__}.{name} has no default"
     return value
 
 
-def _extract_default(name: str):
-    from fusedata.stages.extract import ExtractConfig
+def _config(kind: str) -> type:
+    import importlib
 
-    return config_default(ExtractConfig, name)
-
-
-def _job_default(name: str):
-    from fusedata.stages.extract import ExtractJob
-
-    return config_default(ExtractJob, name)
+    module, name = {"extract": ("fusedata.stages.extract", "ExtractConfig"),
+                    "job": ("fusedata.stages.extract", "ExtractJob"),
+                    "align": ("fusedata.stages.align", "AlignConfig"),
+                    "fuse": ("fusedata.stages.fuse", "FuseConfig")}[kind]
+    return getattr(importlib.import_module(module), name)
 
 
-def _align_default(name: str):
-    from fusedata.stages.align import AlignConfig
-
-    return config_default(AlignConfig, name)
+def _default(kind: str, name: str):
+    return config_default(_config(kind), name)
 
 
-def _fuse_default(name: str):
-    from fusedata.stages.fuse import FuseConfig
-
-    return config_default(FuseConfig, name)
+def _choice(kind: str, name: str) -> click.Choice:
+    return click.Choice(list(config_field(_config(kind), name).metadata["choices"]))
 
 
 def with_executor(f):
@@ -98,25 +98,25 @@ def with_executor(f):
 @click.option("--model", required=True, help="Bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id.")
 @click.option("--input", "inputs", required=True, multiple=True, help="JSONL/Parquet/text file, glob or folder (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
-@click.option("--top-k", default=_extract_default("top_k"), show_default=True, help="Distribution entries kept per position.")
-@click.option("--max-length", default=_extract_default("max_length"), show_default=True, help="Tokens per window; longer documents are split.")
-@click.option("--batch-tokens", default=_extract_default("batch_tokens"), type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
-@click.option("--text-field", default=_job_default("text_field"), show_default=True, help="Text field of JSONL/Parquet records.")
-@click.option("--id-field", default=_job_default("id_field"), show_default=True, help="Document id field (else file:line).")
+@click.option("--top-k", default=_default("extract", "top_k"), show_default=True, help="Distribution entries kept per position.")
+@click.option("--max-length", default=_default("extract", "max_length"), show_default=True, help="Tokens per window; longer documents are split.")
+@click.option("--batch-tokens", default=_default("extract", "batch_tokens"), type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
+@click.option("--text-field", default=_default("job", "text_field"), show_default=True, help="Text field of JSONL/Parquet records.")
+@click.option("--id-field", default=_default("job", "id_field"), show_default=True, help="Document id field (else file:line).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed JSONL lines instead of stopping.")
-@click.option("--docs-per-shard", default=_job_default("docs_per_shard"), show_default=True, help="Documents per output shard (unit of resume).")
+@click.option("--docs-per-shard", default=_default("job", "docs_per_shard"), show_default=True, help="Documents per output shard (unit of resume).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--device", default=_extract_default("device"), show_default=True, help="torch device, e.g. cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=_extract_default("dtype"),
+@click.option("--device", default=_default("extract", "device"), show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", type=_choice("extract", "dtype"), default=_default("extract", "dtype"),
               show_default=True)
-@click.option("--threads", default=_extract_default("threads"), help="torch threads per worker (0: torch default).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=_extract_default("backend"), show_default=True,
+@click.option("--threads", default=_default("extract", "threads"), help="torch threads per worker (0: torch default).")
+@click.option("--backend", type=_choice("extract", "backend"), default=_default("extract", "backend"), show_default=True,
               help="hf: transformers forward; vllm: a vLLM engine per worker, in its own environment "
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
-@click.option("--vllm-kv-cache-gb", default=_extract_default("vllm_kv_cache_gb"), show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--vllm-kv-cache-gb", default=_default("extract", "vllm_kv_cache_gb"), show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="vLLM KV cache size per worker.")
-@click.option("--vllm-threads", default=_extract_default("vllm_threads"), help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
-@click.option("--vllm-batch-tokens", default=_extract_default("vllm_batch_tokens"), type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
+@click.option("--vllm-threads", default=_default("extract", "vllm_threads"), help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
+@click.option("--vllm-batch-tokens", default=_default("extract", "vllm_batch_tokens"), type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
@@ -184,14 +184,14 @@ def inspect_cmd(path, as_json, plot_dir):
 @click.option("--aligned", "aligned", multiple=True, type=click.Path(file_okay=False),
               help="Aligned source datasets (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Fused dataset folder.")
-@click.option("--method", type=click.Choice(["mince", "avgce"]), default=_fuse_default("method"), show_default=True)
-@click.option("--unit", type=click.Choice(["window", "token"]), default=_fuse_default("unit"), show_default=True,
+@click.option("--method", type=_choice("fuse", "method"), default=_default("fuse", "method"), show_default=True)
+@click.option("--unit", type=_choice("fuse", "unit"), default=_default("fuse", "unit"), show_default=True,
               help="Choose/weight per whole window (the paper) or per token.")
-@click.option("--metric", type=click.Choice(["byte", "token"]), default=_fuse_default("metric"), show_default=True,
+@click.option("--metric", type=_choice("fuse", "metric"), default=_default("fuse", "metric"), show_default=True,
               help="Window comparison: CE per byte on each model's own tokens, or per target token.")
-@click.option("--temperature", default=_fuse_default("temperature"), show_default=True,
+@click.option("--temperature", default=_default("fuse", "temperature"), show_default=True,
               help="AvgCE: weights = softmax(-CE / T), T > 0.")
-@click.option("--top-k", "k_out", default=_fuse_default("k_out"), help="Entries kept per position (0: the target's k).")
+@click.option("--top-k", "k_out", default=_default("fuse", "k_out"), help="Entries kept per position (0: the target's k).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
 @click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
 @click.option("--overwrite", is_flag=True)
@@ -262,12 +262,12 @@ def train(data, model, output, **options):
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source model's topk dataset.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Aligned dataset folder.")
-@click.option("--vocab", type=click.Choice(["mined", "exact"]), default=_align_default("vocab"), show_default=True,
+@click.option("--vocab", type=_choice("align", "vocab"), default=_default("align", "vocab"), show_default=True,
               help="Vocabulary map: minimum edit distance (MinED) or exact match (EM).")
-@click.option("--sequence", type=click.Choice(["bytes", "dtw"]), default=_align_default("sequence"), show_default=True,
+@click.option("--sequence", type=_choice("align", "sequence"), default=_default("align", "sequence"), show_default=True,
               help="Position alignment: by byte offsets (linear time) or DTW over token strings.")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--cache-dir", default=_align_default("cache_dir"), help="Where vocabulary maps are cached (default: beside the model cache).")
+@click.option("--cache-dir", default=_default("align", "cache_dir"), help="Where vocabulary maps are cached (default: beside the model cache).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @with_executor

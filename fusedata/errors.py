@@ -28,6 +28,14 @@ def check_options(checks: list[tuple[str, bool, str]]) -> None:
             raise OptionError(name, message)
 
 
+def field_choices(config: object) -> list[tuple[str, bool, str]]:
+    """The checks of every field of a config dataclass declared with `metadata={"choices": (...)}`."""
+    from dataclasses import fields
+
+    return [choice(f.name, getattr(config, f.name), f.metadata["choices"])
+            for f in fields(config) if "choices" in f.metadata]  # type: ignore[arg-type]
+
+
 def choice(name: str, value: object, choices: tuple) -> tuple[str, bool, str]:
     """The check that `value` is one of `choices`, with the message every entry point shows."""
     return (name, value in choices, f"must be one of {', '.join(map(str, choices))}, got {value!r}")

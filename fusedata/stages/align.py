@@ -22,24 +22,21 @@ import pyarrow.parquet as pq
 from fusedata.align import align_tables
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.dataset import DatasetDir, open_dataset, run_digest, table_tokens, target_identity
-from fusedata.errors import UsageError, check_options, choice
+from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.stages.base import Stage, Task
 from schemas.aligned import ALIGN_KINDS, aligned_schema
 from schemas.manifest import Manifest
 
-VOCAB_MAPS = ("mined", "exact")
-SEQUENCE_METHODS = ("bytes", "dtw")
-
 
 @dataclass(frozen=True)
 class AlignConfig:
-    vocab: str = "mined"  # exact | mined
-    sequence: str = "bytes"  # bytes | dtw
+    vocab: str = field(default="mined", metadata={"choices": ("mined", "exact")})  # MinED or exact match (EM)
+    sequence: str = field(default="bytes", metadata={"choices": ("bytes", "dtw")})  # position alignment
     codec: str = DEFAULT_CODEC
     cache_dir: str = ""  # vocabulary map cache; "" = the model cache
 
     def __post_init__(self) -> None:
-        check_options([choice("vocab", self.vocab, VOCAB_MAPS), choice("sequence", self.sequence, SEQUENCE_METHODS)])
+        check_options(field_choices(self))
 
 
 @dataclass(frozen=True)

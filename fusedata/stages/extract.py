@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.corpus import CorpusStats, corpus_hash, expand_inputs, read_corpus, shard_docs
 from fusedata.dataset import DatasetDir, shard_name
-from fusedata.errors import UsageError, check_options, choice
+from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.models.spec import ModelRef, load_model, load_tokenizer, resolve, tokenizer_hash, weights_hash
 from fusedata.stages.base import Resources, Stage, Task
 from fusedata.topk import TopK, tail_mass
@@ -35,8 +35,6 @@ VLLM_CALL_TOKENS = 32768  # tokens handed to the vLLM engine per call
 # (benchmarks/extract.py; the figures are in the README's extract benchmark)
 CPU_BATCH_TOKENS = 1024
 GPU_BATCH_TOKENS = 8192
-BACKENDS = ("hf", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -48,10 +46,11 @@ class ExtractConfig:
     # logits materialised at once: positions per chunk = this // V (a tuning knob of tests and benchmarks)
     lm_head_floats: int = field(default=1 << 25, metadata={"internal": True})
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
     codec: str = DEFAULT_CODEC
     threads: int = 0  # torch threads in this worker; 0 keeps torch's default
-    backend: str = "hf"  # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
+    # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
+    backend: str = field(default="hf", metadata={"choices": ("hf", "vllm")})
     vllm_kv_cache_gb: float = 1.0  # vLLM KV cache size
     vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
     vllm_batch_tokens: int = 0  # vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU)
@@ -59,12 +58,11 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         # top_k against the vocabulary is checked once the tokenizer is loaded (ExtractStage.prepare)
         check_options([
+            *field_choices(self),
             ("max_length", self.max_length >= 2, "must be at least 2"),
             ("batch_tokens", self.batch_tokens >= 0, f"must be >= 0 (0: the default), got {self.batch_tokens}"),
             ("lm_head_floats", self.lm_head_floats >= 1, "must be >= 1"),
-            choice("dtype", self.dtype, DTYPES),
             ("threads", self.threads >= 0, "must be >= 0 (0: torch's default)"),
-            choice("backend", self.backend, BACKENDS),
             ("vllm_kv_cache_gb", math.isfinite(self.vllm_kv_cache_gb) and self.vllm_kv_cache_gb > 0,
              f"must be > 0, got {self.vllm_kv_cache_gb}"),
             ("vllm_batch_tokens", self.vllm_batch_tokens >= 0,

@@ -26,22 +26,18 @@ from fusedata.dataset import (
     table_tokens,
     target_identity,
 )
-from fusedata.errors import UsageError, check_options, choice
+from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.fuse import fuse_tables
 from fusedata.stages.base import Stage, Task
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
 
-METHODS = ("mince", "avgce")
-UNITS = ("window", "token")
-METRICS = ("byte", "token")
-
 
 @dataclass(frozen=True)
 class FuseConfig:
-    method: str = "mince"  # mince | avgce
-    unit: str = "window"  # window | token
-    metric: str = "byte"  # byte | token   (window unit only)
+    method: str = field(default="mince", metadata={"choices": ("mince", "avgce")})
+    unit: str = field(default="window", metadata={"choices": ("window", "token")})  # what a weight applies to
+    metric: str = field(default="byte", metadata={"choices": ("byte", "token")})  # window CE per (window unit only)
     temperature: float = 1.0  # AvgCE softmax temperature
     k_out: int = 0  # 0: the target's k
     codec: str = DEFAULT_CODEC
@@ -49,9 +45,7 @@ class FuseConfig:
 
     def __post_init__(self) -> None:
         check_options([
-            choice("method", self.method, METHODS),
-            choice("unit", self.unit, UNITS),
-            choice("metric", self.metric, METRICS),
+            *field_choices(self),
             # softmax(-CE / T): T = 0 divides by zero (NaN weights), T < 0 prefers the worst candidate
             ("temperature", math.isfinite(self.temperature) and self.temperature > 0,
              f"must be > 0, got {self.temperature}"),
