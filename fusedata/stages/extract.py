@@ -174,10 +174,13 @@ class ExtractStage(Stage):
         self._check_head()
 
     def teardown(self) -> None:
-        """Stop the vLLM engine's child process now (else it stops when the stage is dropped)."""
+        """Stop the vLLM engine's child process now (else it stops when the stage is dropped) and
+        let go of the model; a later call loads them again."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        self.model = None
+
     def model_identity(self) -> dict[str, Any]:
         """Everything about the model and settings that changes this stage's output."""
         self.prepare()
