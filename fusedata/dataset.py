@@ -32,6 +32,7 @@ SHARD_GLOB = "shard-*.parquet"
 TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
 SHARD_RE = re.compile(r"shard-\d{5}\.parquet")  # names shard_name() gives
 TMP_RE = re.compile(r"\..+\.tmp-\d+")
+STAGING_NAME = ".overwrite"  # DatasetDir.staging()
 STAGES = frozenset({"extract", "align", "fuse", "explore"})  # the `stage` of every run record fusedata writes
 ZSTD_LEVEL = 6
 
@@ -183,31 +184,71 @@ class DatasetDir:
             elif p.is_file():
                 p.unlink()
 
-    def begin(self, run: dict[str, Any], overwrite: bool = False, owned: tuple[str, ...] = ()) -> None:
-        """Claim the folder for `run`; refuse a folder that holds a different run. With `overwrite`,
-        another run's files are deleted (only those: see `remove_own`); `owned` names the files and
-        sub-folders beyond shards that the caller writes here."""
+    def claim(self, run: dict[str, Any], overwrite: bool = False) -> bool:
+        """Whether `run` may write here, changing nothing: refuse a file, a folder of files fusedata did
+        not write, or another run's folder without `overwrite`. True: it holds another run's output
+        that `run` replaces."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"output {self.path} exists and is not a folder")
+        if not self.path.is_dir() or not any(p.name != STAGING_NAME for p in self.path.iterdir()):
+            return False
+        previous = self.recorded_run()
+        if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
+            raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
+        if same_run(previous, run):
+            return False
+        if not overwrite:
+            raise UsageError(
+                f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
+                "choose another folder or pass --overwrite"
+            )
+        return True
+
+    def begin(self, run: dict[str, Any], overwrite: bool = False, owned: tuple[str, ...] = ()) -> None:
+        """Claim the folder for `run`; refuse a folder that holds a different run. With `overwrite`,
+        another run's files are deleted at once (only those: see `remove_own`); `owned` names the
+        files and sub-folders beyond shards that the caller writes here. (`run_stage` instead builds
+        a replacement in `staging()` and swaps it in when complete: `replace_with`.)"""
         run_file = self.path / RUN_NAME
-        if self.path.is_dir() and any(self.path.iterdir()):
-            previous = self.recorded_run()
-            if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
-                raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
-            if not same_run(previous, run):
-                if not overwrite:
-                    raise UsageError(
-                        f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
-                        "choose another folder or pass --overwrite"
-                    )
-                self.remove_own(owned)
-            elif previous != run and run_file.is_file():  # same run, model found elsewhere now
-                atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
+        if self.claim(run, overwrite):
+            self.remove_own(owned)
+        elif run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")) != run:
+            atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))  # same run, model found elsewhere
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(TMP_GLOB):  # partial files of a killed run of this same run
             stale.unlink(missing_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
+
+    def staging(self) -> DatasetDir:
+        """Where a run that replaces this folder's dataset is built, inside the folder it replaces
+        (a hidden name: Parquet folder readers skip it)."""
+        return DatasetDir(self.path / STAGING_NAME)
+
+    def drop_staging(self) -> None:
+        """Remove what a replacement run left in `staging()` (only fusedata's files)."""
+        staged = self.staging()
+        if staged.path.is_dir():
+            staged.remove_own()
+            if not any(staged.path.iterdir()):
+                staged.path.rmdir()
+
+    def replace_with(self, staged: DatasetDir) -> None:
+        """Swap the complete dataset in `staged` in for the other run's files here. The order keeps
+        every point of a crash resumable: first the old manifest and shards go (the folder still
+        names the old run, so a rerun with --overwrite swaps the staged dataset in again), then the
+        new run record, then the new shards (a rerun resumes the new run here), the manifest last."""
+        manifest_text = (staged.path / MANIFEST_NAME).read_text(encoding="utf-8")
+        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+        for p in self.own_files():
+            if p.name != RUN_NAME:
+                p.unlink()
+        os.replace(staged.path / RUN_NAME, self.path / RUN_NAME)
+        for p in staged.own_files():
+            if SHARD_RE.fullmatch(p.name):
+                os.replace(p, self.path / p.name)
+        atomic_write_text(self.path / MANIFEST_NAME, manifest_text)
+        self.drop_staging()
 
     def write_shard(self, name: str, table: pa.Table, schema: pa.Schema) -> None:
         write_parquet_atomic(table, self.shard_path(name), schema)

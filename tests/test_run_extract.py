@@ -353,3 +353,28 @@ def test_a_run_json_that_fusedata_did_not_write_proves_nothing(tiny_llama, corpu
     with pytest.raises(UsageError, match=r"holds files fusedata did not write"):
         run_extract(_job(tiny_llama, corpus_file, folder, overwrite=True))
     assert sorted(p.name for p in folder.iterdir()) == [RUN_NAME, "data.csv"]
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, tmp_path, monkeypatch):
+    """--overwrite builds the new run beside the old dataset and swaps it in only when complete:
+    stopped half-way, the old dataset is still whole; the same command again resumes and replaces it."""
+    out = tmp_path / "topk"
+    old = run_extract(_job(tiny_llama, corpus_file, out))
+    before = {name: v for name, v in _snapshot(out).items()}
+    _fail_after(monkeypatch, 1, during_write=False)
+    with pytest.raises(Interrupt):
+        run_extract(_job(tiny_llama, corpus_file, out, top_k=6, overwrite=True))
+    monkeypatch.undo()
+    assert {n: v for n, v in _snapshot_files(out).items()} == before  # every old file as it was
+    assert open_dataset(out).run == old.run
+    logs: list[str] = []
+    manifest = run_extract(_job(tiny_llama, corpus_file, out, logs, top_k=6, overwrite=True))
+    assert any("resuming, 1 of 3 shards already written" in line for line in logs)
+    assert manifest.run["top_k"] == 6 and Manifest.read(out).run["top_k"] == 6
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, RUN_NAME, *(s.name for s in manifest.shards)])
+    for s in manifest.shards:
+        assert s.sha256 == _sha(out / s.name)
+
+
+def _snapshot_files(folder: Path) -> dict[str, tuple[int, int, str]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, _sha(p)) for p in sorted(folder.iterdir()) if p.is_file()}

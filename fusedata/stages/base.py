@@ -7,9 +7,10 @@ A stage (extract, align, fuse) says what it makes and how, and nothing about res
 - `setup()` once per worker (load the model), `process(task) -> table` per shard, `teardown()`;
 - `stats(out, names, rate)`: summary figures for the manifest, read back from the written shards.
 
-`run_stage` owns the rest: a finished identical run is a no-op, another run's folder is refused (or
-replaced with `overwrite`, only once the new run is planned), only missing shards are computed,
-each written atomically, and the manifest is written last. An executor only decides where
+`run_stage` owns the rest: a finished identical run is a no-op, another run's folder is refused (or,
+with `overwrite`, replaced once the new run is complete: it is built in the folder's staging area
+and swapped in), only missing shards are computed, each written atomically, and the manifest is
+written last. An executor only decides where
 `process_shard` runs: the local one here in order, the Ray one (jobs/ray_executor.py) in actors
 that ask for the stage's `resources`, so local and cluster output are identical.
 """
@@ -137,7 +138,8 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
               log: Callable[[str], None] = print) -> StageResult:
     """Run `stage` into its output folder: skipped (a finished identical run), resumed (only the
     missing shards of an unfinished identical run) or ran. Everything is validated and planned
-    before the folder is claimed, so a refused run leaves an existing dataset untouched."""
+    before the folder is claimed, and another run's dataset (with `overwrite`) is replaced only by
+    a complete new one, so a refused, failed or interrupted run leaves it untouched."""
     from fusedata.progress import StageProgress
 
     run = stage.identity()
@@ -148,18 +150,31 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
         return StageResult("skipped", Manifest.read(out.path), 0)
     tasks = stage.tasks()
     names = [t.name for t in tasks]
-    out.begin(run, overwrite=overwrite)
-    done = out.done_shards()
-    todo = [t for t in tasks if t.name not in done]
-    if len(todo) < len(tasks):
-        log(f"{out.path}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already written")
-    docs = sum(t.table.num_rows for t in todo if t.table is not None) if stage.count_docs else None
-    progress = StageProgress(stage.label, len(todo), docs, quiet)
-    try:
-        (executor or LocalExecutor()).run(stage, todo, out, progress)
-    finally:
-        progress.close()
-    manifest = out.finish(stage.kind, run, names, stage.stats(out, names, progress.rate()))
+    # another run's dataset is replaced only once the new one is complete: it is built in staging()
+    replacing = out.claim(run, overwrite)
+    work = out.staging() if replacing else out
+    if replacing:
+        work.begin(run, overwrite=True)  # a staged replacement for yet another run is discarded
+    else:
+        out.begin(run)
+        out.drop_staging()  # a replacement that was being swapped in when it was stopped
+    if work.is_complete() and same_run(Manifest.read(work.path).run, run):
+        manifest, todo = Manifest.read(work.path), []  # staged completely; only the swap was left
+    else:
+        done = work.done_shards()
+        todo = [t for t in tasks if t.name not in done]
+        if len(todo) < len(tasks):
+            log(f"{out.path}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already written")
+        docs = sum(t.table.num_rows for t in todo if t.table is not None) if stage.count_docs else None
+        progress = StageProgress(stage.label, len(todo), docs, quiet)
+        try:
+            (executor or LocalExecutor()).run(stage, todo, work, progress)
+        finally:
+            progress.close()
+        manifest = work.finish(stage.kind, run, names, stage.stats(work, names, progress.rate()))
+    if replacing:
+        out.replace_with(work)
+        log(f"{out.path}: replaced the dataset of another run")
     line = stage.summary(manifest)
     if line:
         log(line)
