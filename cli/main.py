@@ -132,8 +132,9 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
                            device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
                            backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads,
                            vllm_batch_tokens=vllm_batch_tokens)
-    job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
-                     overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    job = ExtractJob(list(inputs), output, config, text_field=text_field, id_field=id_field,
+                     skip_bad_lines=skip_bad_lines, docs_per_shard=docs_per_shard, overwrite=overwrite, quiet=quiet,
+                     log=lambda m: click.echo(m, err=True))
     run_extract(job, _executor(executor, address, workers))
 
 
@@ -205,7 +206,8 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
 
     config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
                         codec=codec or DEFAULT_CODEC, include_target=not no_target)
-    job = FuseJob(target, list(aligned), output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet,
+                  log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 
 
@@ -277,7 +279,8 @@ def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, 
     from fusedata.stages.align import AlignConfig, AlignJob, run_align
 
     config = AlignConfig(vocab=vocab, sequence=sequence, codec=codec or DEFAULT_CODEC, cache_dir=cache_dir)
-    job = AlignJob(target, source, output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    job = AlignJob(target, source, output, config, overwrite=overwrite, quiet=quiet,
+                   log=lambda m: click.echo(m, err=True))
     run_align(job, _executor(executor, address, workers))
 
 
