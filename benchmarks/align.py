@@ -33,8 +33,8 @@ LEE = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/
 
 def _offsets(tok, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids, byte start, byte end of the text's tokens (no special tokens), as extract stores them."""
-    from fusedata.extract import char_to_byte, split_character_spans
     from fusedata.vocab import token_bytes
+    from fusedata.windows import char_to_byte, split_character_spans
 
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     chars = np.asarray(enc["offset_mapping"], dtype=np.int64)
@@ -66,9 +66,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from fusedata.align import DocPositions, align_window, match_by_bytes, match_by_dtw
     from fusedata.dtw import dtw_align, dtw_reference, strip_markers
     from fusedata.models.cache import ensure_bundled
-    from fusedata.run_align import DocPositions, align_window, match_by_bytes, match_by_dtw
     from fusedata.topk import TopK
     from fusedata.vocab import exact_map, mined_map, token_texts
 

@@ -41,8 +41,7 @@ def _documents() -> list[str]:
 
 def extract_topk(model: str, n_tokens: int, cache: Path) -> Path:
     """`fusedata extract` (top-64, raw codec) of `model` over about n_tokens of real text, once."""
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_extract import ExtractJob, run_extract
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 
     out = cache / f"extract-{model}-{n_tokens}"
     if (out / "_manifest.json").exists():

@@ -34,7 +34,8 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
     import torch
 
     from fusedata.corpus import read_corpus
-    from fusedata.extract import ExtractConfig, ExtractStage, batch_by_budget
+    from fusedata.stages.extract import ExtractConfig, ExtractStage
+    from fusedata.windows import batch_by_budget
 
     backend = "vllm" if mode == "vllm" else "hf"  # "stage": the hf extract stage, timed like vllm
     stage = ExtractStage(ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
@@ -70,7 +71,7 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
             with torch.inference_mode():
                 _ = stage.model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     seconds = time.perf_counter() - t0
-    stage.close()
+    stage.teardown()
     return {
         "setup_s": setup_s,
         "tokens": tokens,

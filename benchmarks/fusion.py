@@ -119,10 +119,9 @@ def build_corpus(work: Path, train_chars: int, test_chars: int, val_chars: int, 
 def build_datasets(work: Path) -> dict[str, Any]:
     """Top-k of both teachers on the training split, the alignment, and one fused dataset per
     source arm (each step resumable: a finished dataset is skipped)."""
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_align import AlignConfig, AlignJob, run_align
-    from fusedata.run_extract import ExtractJob, run_extract
-    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
     quiet = {"quiet": True, "log": log}
     corpus = [str(work / "train.jsonl")]
@@ -153,7 +152,7 @@ def target_quality(work: Path) -> dict[str, dict[str, float]]:
     import pyarrow.parquet as pq
 
     from fusedata.codec import decode_topk
-    from fusedata.train import PAD_ID
+    from fusedata.topk import PAD_ID
 
     out = {}
     for arm in SOURCES:

@@ -39,7 +39,7 @@ def main() -> None:
 
 def _executor(executor: str, address: str | None, workers: int):
     if executor == "local" and not address:
-        from fusedata.executor import LocalExecutor
+        from fusedata.stages.base import LocalExecutor
 
         return LocalExecutor()
     from jobs.ray_executor import RayExecutor
@@ -55,6 +55,39 @@ executor_options = [
 ]
 
 
+def config_field(cls: type, name: str):
+    """A config dataclass's field: an option's default and choices are defined once, there."""
+    from dataclasses import fields
+
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def config_default(cls: type, name: str):
+    from dataclasses import MISSING
+
+    value = config_field(cls, name).default
+    assert value is not MISSING, f"{cls.__name__}.{name} has no default"
+    return value
+
+
+def _config(kind: str) -> type:
+    import importlib
+
+    module, name = {"extract": ("fusedata.stages.extract", "ExtractConfig"),
+                    "job": ("fusedata.stages.extract", "ExtractJob"),
+                    "align": ("fusedata.stages.align", "AlignConfig"),
+                    "fuse": ("fusedata.stages.fuse", "FuseConfig")}[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def _default(kind: str, name: str):
+    return config_default(_config(kind), name)
+
+
+def _choice(kind: str, name: str) -> click.Choice:
+    return click.Choice(list(config_field(_config(kind), name).metadata["choices"]))
+
+
 def with_executor(f):
     for opt in reversed(executor_options):
         f = opt(f)
@@ -65,24 +98,25 @@ def with_executor(f):
 @click.option("--model", required=True, help="Bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id.")
 @click.option("--input", "inputs", required=True, multiple=True, help="JSONL/Parquet/text file, glob or folder (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
-@click.option("--top-k", default=10, show_default=True, help="Distribution entries kept per position.")
-@click.option("--max-length", default=1024, show_default=True, help="Tokens per window; longer documents are split.")
-@click.option("--batch-tokens", default=0, type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
-@click.option("--text-field", default="text", show_default=True, help="Text field of JSONL/Parquet records.")
-@click.option("--id-field", default="id", show_default=True, help="Document id field (else file:line).")
+@click.option("--top-k", default=_default("extract", "top_k"), show_default=True, help="Distribution entries kept per position.")
+@click.option("--max-length", default=_default("extract", "max_length"), show_default=True, help="Tokens per window; longer documents are split.")
+@click.option("--batch-tokens", default=_default("extract", "batch_tokens"), type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
+@click.option("--text-field", default=_default("job", "text_field"), show_default=True, help="Text field of JSONL/Parquet records.")
+@click.option("--id-field", default=_default("job", "id_field"), show_default=True, help="Document id field (else file:line).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed JSONL lines instead of stopping.")
-@click.option("--docs-per-shard", default=64, show_default=True, help="Documents per output shard (unit of resume).")
+@click.option("--docs-per-shard", default=_default("job", "docs_per_shard"), show_default=True, help="Documents per output shard (unit of resume).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--threads", default=0, help="torch threads per worker (0: torch default).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+@click.option("--device", default=_default("extract", "device"), show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", type=_choice("extract", "dtype"), default=_default("extract", "dtype"),
+              show_default=True)
+@click.option("--threads", default=_default("extract", "threads"), help="torch threads per worker (0: torch default).")
+@click.option("--backend", type=_choice("extract", "backend"), default=_default("extract", "backend"), show_default=True,
               help="hf: transformers forward; vllm: a vLLM engine per worker, in its own environment "
                    "(`make vllm`, or FUSEDATA_VLLM_PYTHON).")
-@click.option("--vllm-kv-cache-gb", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--vllm-kv-cache-gb", default=_default("extract", "vllm_kv_cache_gb"), show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="vLLM KV cache size per worker.")
-@click.option("--vllm-threads", default="", help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
-@click.option("--vllm-batch-tokens", default=0, type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
+@click.option("--vllm-threads", default=_default("extract", "vllm_threads"), help="vLLM CPU cores to bind, e.g. 0-3 (default: all available).")
+@click.option("--vllm-batch-tokens", default=_default("extract", "vllm_batch_tokens"), type=click.IntRange(min=0), help="vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
@@ -92,16 +126,16 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
             executor, address, workers):
     """Run a model over a corpus and keep each position's top-k next-token distribution."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_extract import ExtractJob, run_extract
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 
     config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
                            device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
                            backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads,
                            vllm_batch_tokens=vllm_batch_tokens)
-    job = ExtractJob(list(inputs), output, config, text_field, id_field, skip_bad_lines, docs_per_shard,
-                     overwrite, quiet, log=lambda m: click.echo(m, err=True))
-    run_extract(job, _executor(executor, address, workers))  # GPUs per worker: see ExtractConfig.wants_gpu
+    job = ExtractJob(list(inputs), output, config, text_field=text_field, id_field=id_field,
+                     skip_bad_lines=skip_bad_lines, docs_per_shard=docs_per_shard, overwrite=overwrite, quiet=quiet,
+                     log=lambda m: click.echo(m, err=True))
+    run_extract(job, _executor(executor, address, workers))
 
 
 
@@ -136,7 +170,7 @@ def inspect_cmd(path, as_json, plot_dir):
         summary = summarize_explore(path)
         click.echo(json.dumps(summary, indent=2) if as_json else render_explore(summary, load_tree(path)))
     else:
-        from fusedata.inspect import plot, render, summarize
+        from fusedata.report import plot, render, summarize
 
         summary = summarize(path)
         click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
@@ -151,13 +185,14 @@ def inspect_cmd(path, as_json, plot_dir):
 @click.option("--aligned", "aligned", multiple=True, type=click.Path(file_okay=False),
               help="Aligned source datasets (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Fused dataset folder.")
-@click.option("--method", type=click.Choice(["mince", "avgce"]), default="mince", show_default=True)
-@click.option("--unit", type=click.Choice(["window", "token"]), default="window", show_default=True,
+@click.option("--method", type=_choice("fuse", "method"), default=_default("fuse", "method"), show_default=True)
+@click.option("--unit", type=_choice("fuse", "unit"), default=_default("fuse", "unit"), show_default=True,
               help="Choose/weight per whole window (the paper) or per token.")
-@click.option("--metric", type=click.Choice(["byte", "token"]), default="byte", show_default=True,
+@click.option("--metric", type=_choice("fuse", "metric"), default=_default("fuse", "metric"), show_default=True,
               help="Window comparison: CE per byte on each model's own tokens, or per target token.")
-@click.option("--temperature", default=1.0, show_default=True, help="AvgCE: weights = softmax(-CE / T).")
-@click.option("--top-k", "k_out", default=0, help="Entries kept per position (0: the target's k).")
+@click.option("--temperature", default=_default("fuse", "temperature"), show_default=True,
+              help="AvgCE: weights = softmax(-CE / T), T > 0.")
+@click.option("--top-k", "k_out", default=_default("fuse", "k_out"), help="Entries kept per position (0: the target's k).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
 @click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
 @click.option("--overwrite", is_flag=True)
@@ -167,20 +202,19 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
          executor, address, workers):
     """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
-    config = FuseConfig(method, unit, metric, temperature, k_out, codec or DEFAULT_CODEC, not no_target)
-    job = FuseJob(target, list(aligned), output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
+                        codec=codec or DEFAULT_CODEC, include_target=not no_target)
+    job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet,
+                  log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 
 
 def _train_default(name: str):
-    """A `fusedata train` option's default, read from TrainConfig (defined once, there)."""
-    from dataclasses import fields
-
     from fusedata.train import TrainConfig
 
-    return next(f.default for f in fields(TrainConfig) if f.name == name)
+    return config_default(TrainConfig, name)
 
 
 @main.command()
@@ -206,6 +240,7 @@ def _train_default(name: str):
 @click.option("--device", default=_train_default("device"), show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=_train_default("dtype"), show_default=True)
 @click.option("--save-every", default=_train_default("save_every"), help="Checkpoint every N steps (0: at the end).")
+@click.option("--log-every", default=_train_default("log_every"), help="Log every N steps (0: never).")
 @click.option("--threads", default=_train_default("threads"))
 @click.option("--init-config", default=_train_default("init_config"), type=click.Path(dir_okay=False),
               help="Train a fresh model of this config JSON (e.g. a small student) with --model's tokenizer.")
@@ -229,22 +264,23 @@ def train(data, model, output, **options):
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
 @click.option("--source", required=True, type=click.Path(file_okay=False), help="A source model's topk dataset.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Aligned dataset folder.")
-@click.option("--vocab", type=click.Choice(["mined", "exact"]), default="mined", show_default=True,
+@click.option("--vocab", type=_choice("align", "vocab"), default=_default("align", "vocab"), show_default=True,
               help="Vocabulary map: minimum edit distance (MinED) or exact match (EM).")
-@click.option("--sequence", type=click.Choice(["bytes", "dtw"]), default="bytes", show_default=True,
+@click.option("--sequence", type=_choice("align", "sequence"), default=_default("align", "sequence"), show_default=True,
               help="Position alignment: by byte offsets (linear time) or DTW over token strings.")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
-@click.option("--cache-dir", default="", help="Where vocabulary maps are cached (default: beside the model cache).")
+@click.option("--cache-dir", default=_default("align", "cache_dir"), help="Where vocabulary maps are cached (default: beside the model cache).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @with_executor
 def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, quiet, executor, address, workers):
     """Express a source model's distributions on the target's positions and vocabulary."""
     from fusedata.codec import DEFAULT_CODEC
-    from fusedata.run_align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
 
-    config = AlignConfig(vocab, sequence, codec or DEFAULT_CODEC, cache_dir)
-    job = AlignJob(target, source, output, config, overwrite, quiet, log=lambda m: click.echo(m, err=True))
+    config = AlignConfig(vocab=vocab, sequence=sequence, codec=codec or DEFAULT_CODEC, cache_dir=cache_dir)
+    job = AlignJob(target, source, output, config, overwrite=overwrite, quiet=quiet,
+                   log=lambda m: click.echo(m, err=True))
     run_align(job, _executor(executor, address, workers))
 
 
@@ -278,9 +314,10 @@ from cli.publish_cmd import publish  # noqa: E402
 main.add_command(publish)
 
 
-if __name__ == "__main__":
-    main()
-
 from cli.explore_cmd import explore  # noqa: E402
 
 main.add_command(explore)
+
+
+if __name__ == "__main__":  # after every command is registered: `python -m cli.main explore --help`
+    main()

@@ -16,7 +16,7 @@ def pipeline_executor(pipe, executor: str | None, address: str | None, workers: 
     address = address or pipe.address
     workers = workers or pipe.workers
     if kind == "local" and not address:
-        from fusedata.executor import LocalExecutor
+        from fusedata.stages.base import LocalExecutor
 
         return LocalExecutor()
     from jobs.ray_executor import RayExecutor

@@ -8,6 +8,7 @@ are stable across runs: the record's id field when present, else `<file>:<line>`
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,3 +146,14 @@ def shard_docs(docs: pa.Table, docs_per_shard: int) -> list[pa.Table]:
     if docs_per_shard < 1:
         raise UsageError("--docs-per-shard must be at least 1")
     return [docs.slice(i, docs_per_shard) for i in range(0, docs.num_rows, docs_per_shard)]
+
+
+def corpus_hash(docs: pa.Table) -> str:
+    """Identity of the documents (ids and texts) an extract ran over."""
+    h = hashlib.sha256()
+    for doc_id, text in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist(), strict=True):
+        h.update(doc_id.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\1")
+    return h.hexdigest()

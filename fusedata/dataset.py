@@ -14,7 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,16 @@ import pyarrow.parquet as pq
 
 import fusedata
 from fusedata.errors import UsageError
+from schemas.common import without_descriptions
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
 RUN_NAME = "_run.json"
 SHARD_GLOB = "shard-*.parquet"
 TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
+SHARD_RE = re.compile(r"shard-\d{5}\.parquet")  # names shard_name() gives
+TMP_RE = re.compile(r"\..+\.tmp-\d+")
+STAGING_NAME = ".overwrite"  # DatasetDir.staging()
+STAGES = frozenset({"extract", "align", "fuse", "explore"})  # the `stage` of every run record fusedata writes
 ZSTD_LEVEL = 6
 
 
@@ -48,6 +53,30 @@ def run_key(run: Any) -> Any:
 
 def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return run_key(a) == run_key(b)
+
+
+def run_digest(run: dict[str, Any]) -> str:
+    """A short identity of a run (used to tie derived datasets to their inputs); where the model
+    was found (model_path) is not part of it."""
+    return hashlib.sha256(json.dumps(run_key(run), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# What a dataset made against a target (aligned, fused) must agree on with that target's topk run.
+TARGET_KEYS = ("tokenizer_hash", "corpus_hash", "max_length", "docs_per_shard", "model_hash")
+
+
+def target_identity(target_run: dict[str, Any]) -> dict[str, Any]:
+    """The `target` entry of a derived dataset's run record."""
+    return {k: target_run.get(k) for k in TARGET_KEYS} | {"model": target_run["model"]}
+
+
+def check_same_target(target: Manifest, target_path: str, other: Manifest, other_path: str) -> None:
+    """Refuse a derived dataset that was made against another target, saying what differs."""
+    recorded = other.run.get("target", {})
+    diffs = [k for k in TARGET_KEYS if recorded.get(k) != target.run.get(k)]
+    if diffs:
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} vs {target.run.get(k)!r}" for k in diffs)
+        raise UsageError(f"{other_path} was made against a different target than {target_path} ({shown})")
 
 
 def shard_name(index: int) -> str:
@@ -80,6 +109,7 @@ def stat_columns(schema: pa.Schema) -> list[str]:
 
 def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None:
     """Write `table` (cast to `schema`, which is enforced) to `path` via a temporary name."""
+    schema = without_descriptions(schema)
     try:
         table = table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -109,33 +139,116 @@ class DatasetDir:
     def is_complete(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
 
-    def begin(self, run: dict[str, Any], overwrite: bool = False) -> None:
-        """Claim the folder for `run`; refuse a folder that holds a different run."""
+    def recorded_run(self) -> dict[str, Any] | None:
+        """The run record of a folder fusedata wrote (its `_run.json`, else its manifest's run), or
+        None: a `_run.json` must be a fusedata run record (a table naming its stage), not just any JSON."""
+        run_file = self.path / RUN_NAME
+        if run_file.is_file():
+            try:
+                record = json.loads(run_file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return record if isinstance(record, dict) and record.get("stage") in STAGES else None
+        if (self.path / MANIFEST_NAME).is_file():
+            try:
+                return Manifest.read(self.path).run
+            except ValueError:
+                return None
+        return None
+
+    def own_files(self) -> list[Path]:
+        """What fusedata wrote here: the shards the manifest lists, shards and temporary files of an
+        unfinished run (by their names), the manifest and the run record. Nothing else."""
+        listed: set[str] = set()
+        if (self.path / MANIFEST_NAME).is_file():
+            try:
+                listed = {s.name for s in Manifest.read(self.path).shards}
+            except ValueError:
+                pass
+        found = [p for p in self.path.iterdir() if p.is_file() and (
+            p.name in listed or SHARD_RE.fullmatch(p.name) or TMP_RE.fullmatch(p.name)
+            or p.name in (MANIFEST_NAME, RUN_NAME))]
+        return sorted(found)
+
+    def remove_own(self, owned: tuple[str, ...] = ()) -> None:
+        """Delete what fusedata wrote here (`own_files`), plus the `owned` names the caller wrote
+        (files, or sub-folders that are datasets themselves); the folder and anything else stay."""
+        for p in self.own_files():
+            p.unlink(missing_ok=True)
+        for name in owned:
+            p = self.path / name
+            if p.is_dir():
+                DatasetDir(p).remove_own()
+                if not any(p.iterdir()):
+                    p.rmdir()
+            elif p.is_file():
+                p.unlink()
+
+    def claim(self, run: dict[str, Any], overwrite: bool = False) -> bool:
+        """Whether `run` may write here, changing nothing: refuse a file, a folder of files fusedata did
+        not write, or another run's folder without `overwrite`. True: it holds another run's output
+        that `run` replaces."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"output {self.path} exists and is not a folder")
+        if not self.path.is_dir() or not any(p.name != STAGING_NAME for p in self.path.iterdir()):
+            return False
+        previous = self.recorded_run()
+        if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
+            raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
+        if same_run(previous, run):
+            return False
+        if not overwrite:
+            raise UsageError(
+                f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
+                "choose another folder or pass --overwrite"
+            )
+        return True
+
+    def begin(self, run: dict[str, Any], overwrite: bool = False, owned: tuple[str, ...] = ()) -> None:
+        """Claim the folder for `run`; refuse a folder that holds a different run. With `overwrite`,
+        another run's files are deleted at once (only those: see `remove_own`); `owned` names the
+        files and sub-folders beyond shards that the caller writes here. (`run_stage` instead builds
+        a replacement in `staging()` and swaps it in when complete: `replace_with`.)"""
         run_file = self.path / RUN_NAME
-        if self.path.is_dir() and any(self.path.iterdir()):
-            previous = None
-            if run_file.is_file():
-                previous = json.loads(run_file.read_text(encoding="utf-8"))
-            elif (self.path / MANIFEST_NAME).is_file():
-                previous = Manifest.read(self.path).run
-            if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
-                raise UsageError(f"output folder {self.path} holds files fusedata did not write; choose another folder")
-            if not same_run(previous, run):
-                if not overwrite:
-                    raise UsageError(
-                        f"output folder {self.path} holds another run's output{_describe_diff(previous, run)}; "
-                        "choose another folder or pass --overwrite"
-                    )
-                shutil.rmtree(self.path)
-            elif previous != run and run_file.is_file():  # same run, model found elsewhere now
-                atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
+        if self.claim(run, overwrite):
+            self.remove_own(owned)
+        elif run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")) != run:
+            atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))  # same run, model found elsewhere
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(TMP_GLOB):  # partial files of a killed run of this same run
             stale.unlink(missing_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
+
+    def staging(self) -> DatasetDir:
+        """Where a run that replaces this folder's dataset is built, inside the folder it replaces
+        (a hidden name: Parquet folder readers skip it)."""
+        return DatasetDir(self.path / STAGING_NAME)
+
+    def drop_staging(self) -> None:
+        """Remove what a replacement run left in `staging()` (only fusedata's files)."""
+        staged = self.staging()
+        if staged.path.is_dir():
+            staged.remove_own()
+            if not any(staged.path.iterdir()):
+                staged.path.rmdir()
+
+    def replace_with(self, staged: DatasetDir) -> None:
+        """Swap the complete dataset in `staged` in for the other run's files here. The order keeps
+        every point of a crash resumable: first the old manifest and shards go (the folder still
+        names the old run, so a rerun with --overwrite swaps the staged dataset in again), then the
+        new run record, then the new shards (a rerun resumes the new run here), the manifest last."""
+        manifest_text = (staged.path / MANIFEST_NAME).read_text(encoding="utf-8")
+        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+        for p in self.own_files():
+            if p.name != RUN_NAME:
+                p.unlink()
+        os.replace(staged.path / RUN_NAME, self.path / RUN_NAME)
+        for p in staged.own_files():
+            if SHARD_RE.fullmatch(p.name):
+                os.replace(p, self.path / p.name)
+        atomic_write_text(self.path / MANIFEST_NAME, manifest_text)
+        self.drop_staging()
 
     def write_shard(self, name: str, table: pa.Table, schema: pa.Schema) -> None:
         write_parquet_atomic(table, self.shard_path(name), schema)
@@ -183,6 +296,16 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return f" (differs in {shown})" if shown else ""
 
 
+def refuse_input_inside(output: str | Path, inputs: list[str | Path]) -> None:
+    """Refuse an output folder that is, or contains, one of the run's inputs: overwriting it
+    would delete the input, and the input's files would be taken for another run's."""
+    out = Path(output).resolve()
+    for p in inputs:
+        q = Path(p).resolve()
+        if q == out or out in q.parents:
+            raise UsageError(f"output folder {output} contains the input {p}; choose another folder")
+
+
 def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
     """The manifest of a finished dataset, with clear errors for unfinished or damaged ones."""
     folder = Path(path)
@@ -200,3 +323,31 @@ def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
     if missing:
         raise UsageError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:10])}")
     return manifest
+
+
+def verify_dataset(path: str | Path) -> list[str]:
+    """Shards of a finished dataset whose bytes no longer match the sha256 in its manifest (or
+    that are missing). An unfinished folder (no manifest) has nothing to check against: []."""
+    folder = Path(path)
+    if not (folder / MANIFEST_NAME).is_file():
+        return []
+    try:
+        manifest = Manifest.read(folder)
+    except ValueError:
+        return [MANIFEST_NAME]
+    bad = []
+    for s in manifest.shards:
+        p = folder / s.name
+        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
+            bad.append(s.name)
+    return bad
+
+
+def repair_dataset(path: str | Path, bad: list[str]) -> None:
+    """Delete the damaged shards and the manifest, so the stage's next run recomputes exactly
+    those shards (the run identity in `_run.json` is kept: it is still the same run)."""
+    folder = Path(path)
+    for name in bad:
+        if name.startswith("shard-"):
+            (folder / name).unlink(missing_ok=True)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)

@@ -11,10 +11,31 @@ class OptionError(UsageError):
     on the command line, `train.warmup_ratio` in a pipeline file) with `named()`."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        # raised from Python: the field's name, and the command-line option it comes from
+        super().__init__(f"{field}: {message} (--{field.replace('_', '-')})")
         self.field, self.message = field, message
 
     def named(self, prefix: str = "--") -> str:
         """The message with the field as the entry point spells it."""
         name = "--" + self.field.replace("_", "-") if prefix == "--" else prefix + self.field
         return f"{name}: {self.message}"
+
+
+def check_options(checks: list[tuple[str, bool, str]]) -> None:
+    """A config's `__post_init__`: raise OptionError for the first failed (field, ok, message)."""
+    for name, ok, message in checks:
+        if not ok:
+            raise OptionError(name, message)
+
+
+def field_choices(config: object) -> list[tuple[str, bool, str]]:
+    """The checks of every field of a config dataclass declared with `metadata={"choices": (...)}`."""
+    from dataclasses import fields
+
+    return [choice(f.name, getattr(config, f.name), f.metadata["choices"])
+            for f in fields(config) if "choices" in f.metadata]  # type: ignore[arg-type]
+
+
+def choice(name: str, value: object, choices: tuple) -> tuple[str, bool, str]:
+    """The check that `value` is one of `choices`, with the message every entry point shows."""
+    return (name, value in choices, f"must be one of {', '.join(map(str, choices))}, got {value!r}")

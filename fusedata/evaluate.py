@@ -78,8 +78,8 @@ def load_task(task: str, limit: int) -> list[MCItem]:
 def heldout(model_spec: str, inputs: list[str], max_length: int = 1024) -> dict[str, float]:
     """CE per token, perplexity and bits per byte of a model on held-out documents."""
     from fusedata.corpus import read_corpus
-    from fusedata.extract import ExtractConfig, ExtractStage
-    from fusedata.run_fuse import predicted_bytes
+    from fusedata.stages.extract import ExtractConfig, ExtractStage
+    from fusedata.windows import predicted_bytes
 
     docs, _ = read_corpus(inputs)
     stage = ExtractStage(ExtractConfig(model=model_spec, top_k=1, max_length=max_length, codec="raw"))
@@ -104,8 +104,8 @@ class HeldOutText:
 
     @classmethod
     def from_texts(cls, tokenizer: Any, texts: list[str], max_length: int = 1024) -> HeldOutText:
-        from fusedata.extract import tokenize_windows
         from fusedata.vocab import token_bytes
+        from fusedata.windows import tokenize_windows
 
         nb = np.array([len(b) if b is not None else 0 for b in token_bytes(tokenizer)], np.int64)
         wins = tokenize_windows(tokenizer, texts, max_length, nb)
@@ -117,7 +117,7 @@ class HeldOutText:
         put in eval mode for the pass and back into the mode it was in."""
         import torch
 
-        from fusedata.extract import batch_by_budget
+        from fusedata.windows import batch_by_budget
 
         was_training = model.training
         model.eval()

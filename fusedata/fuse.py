@@ -21,52 +21,18 @@ candidates then predict the same target token, so the figures are directly compa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
-from fusedata.topk import TopK
+from fusedata.codec import decode_topk
+from fusedata.errors import UsageError
+from fusedata.topk import MIN_PROB, PAD_ID, TopK, label_logprob, merge_sparse, tail_of_probs
+from fusedata.windows import predicted_bytes
 
-PAD_ID = -1
-MIN_PROB = 1e-12
-
-
-def label_logprob(topk: TopK, labels: np.ndarray, vocab_size: int) -> np.ndarray:
-    """float64 [N]: log p(label) under a sparse distribution. A label outside the top-k gets
-    its share of the tail mass spread uniformly over the ids not listed."""
-    hit = topk.ids == labels[:, None]  # [N, k]
-    found = hit.any(axis=1)
-    listed = np.where(hit, topk.logprobs.astype(np.float64), -np.inf).max(axis=1)
-    n_valid = (topk.ids != PAD_ID).sum(axis=1)
-    spread = np.maximum(topk.tail_mass.astype(np.float64), MIN_PROB) / np.maximum(vocab_size - n_valid, 1)
-    return np.where(found, listed, np.log(spread))
-
-
-def merge_sparse(rows: np.ndarray, ids: np.ndarray, probs: np.ndarray, n_rows: int, k_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum probabilities of equal (row, id) entries and keep each row's k_out largest.
-
-    rows, ids, probs: flat [E] entries (ids >= 0). Returns ids int32 [n_rows, k_out] (PAD_ID
-    where a row has fewer entries) and probs float64 [n_rows, k_out], sorted descending;
-    equal probabilities are ordered by id, so the result is deterministic.
-    """
-    keep = (ids >= 0) & (probs > 0)
-    rows, ids, probs = rows[keep].astype(np.int64), ids[keep].astype(np.int64), probs[keep]
-    out_ids = np.full((n_rows, k_out), PAD_ID, dtype=np.int32)
-    out_p = np.zeros((n_rows, k_out), dtype=np.float64)
-    if rows.size == 0:
-        return out_ids, out_p
-    span = int(ids.max()) + 1
-    keys, inverse = np.unique(rows * span + ids, return_inverse=True)  # sorted by (row, id)
-    summed = np.bincount(inverse, weights=probs)  # [U]
-    urow, uid = keys // span, keys % span
-    order = np.lexsort((uid, -summed, urow))  # by row, then prob desc, then id asc
-    urow, uid, summed = urow[order], uid[order], summed[order]
-    first = np.searchsorted(urow, urow, side="left")  # index of each row's first entry
-    rank = np.arange(urow.size) - first
-    sel = rank < k_out
-    out_ids[urow[sel], rank[sel]] = uid[sel]
-    out_p[urow[sel], rank[sel]] = summed[sel]
-    return out_ids, out_p
-
+if TYPE_CHECKING:
+    from fusedata.stages.fuse import FuseConfig
 
 def softmax_neg(ce: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(-ce / temperature) over the last axis."""
@@ -131,7 +97,7 @@ def fuse(
     with np.errstate(divide="ignore"):
         out_lp = np.where(out_ids == PAD_ID, -np.inf, np.log(out_p)).astype(np.float32)
     gold = np.log(np.maximum((w_pos * np.exp(token_lp)).sum(axis=1), MIN_PROB)).astype(np.float32)
-    tail = np.clip(1.0 - out_p.sum(axis=1), 0.0, 1.0).astype(np.float32)
+    tail = tail_of_probs(out_p)
     winner = w_pos.argmax(axis=1).astype(np.int8) if method == "mince" else np.full(n, -1, dtype=np.int8)
     fused = TopK(out_ids, out_lp, gold, tail, lengths.astype(np.int64))
     return FuseResult(fused, winner, w_win.astype(np.float32), window_ce.astype(np.float32))
@@ -152,3 +118,44 @@ def token_metric_ce(candidates: list[TopK], labels: np.ndarray, vocab_size: int)
     token_lp = np.stack([label_logprob(c, labels, vocab_size) for c in candidates], axis=1)  # [N, M]
     lengths = candidates[0].lengths
     return -window_sums(token_lp, lengths) / np.maximum(lengths, 1)[:, None]
+
+
+def fuse_tables(target: pa.Table, aligned: list[pa.Table], k: int, vocab_size: int, config: FuseConfig,
+                codec: Any, schema: pa.Schema) -> pa.Table:
+    """The pure fusion of one shard: target topk table + aligned tables (same rows)."""
+    for a in aligned:
+        if a.column("doc_id").to_pylist() != target.column("doc_id").to_pylist() or \
+                a.column("window").to_pylist() != target.column("window").to_pylist():
+            raise UsageError("aligned shard rows do not match the target shard (was it made from this target?)")
+    cands = [decode_topk(t) for t in [target, *aligned]]
+    ids_col = target.column("input_ids").combine_chunks()
+    offsets = ids_col.offsets.to_numpy()
+    flat = ids_col.values.to_numpy()
+    # labels: input_ids[1:] of each window, flattened  [N]
+    label_mask = np.ones(flat.size, dtype=bool)
+    label_mask[offsets[:-1][offsets[:-1] < offsets[1:]]] = False
+    labels = flat[label_mask].astype(np.int64)
+    if config.metric == "byte":
+        nbytes = predicted_bytes(target.column("token_start").combine_chunks(), target.column("token_end").combine_chunks())
+        ce = [target.column("ce").to_numpy().astype(np.float64) * cands[0].lengths / np.maximum(nbytes, 1)]
+        ce += [a.column("source_nll").to_numpy() / np.maximum(a.column("source_bytes").to_numpy(), 1) for a in aligned]
+        window_ce = np.stack(ce, axis=1)  # [W, M]
+    else:
+        window_ce = token_metric_ce(cands, labels, vocab_size)
+    if not config.include_target:
+        cands, window_ce = cands[1:], window_ce[:, 1:]
+    result = fuse(cands, labels, window_ce, vocab_size, config.method, config.unit, config.k_out or k, config.temperature)
+    off = cands[0].offsets()
+    cols = {
+        "doc_id": target.column("doc_id"),
+        "window": target.column("window"),
+        "byte_start": target.column("byte_start"),
+        "byte_end": target.column("byte_end"),
+        "input_ids": target.column("input_ids"),
+        "labels": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(labels.astype(np.int32))),
+        "winner": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(result.winner)),
+        "weights": [row for row in result.weights],
+        "candidate_ce": [row for row in result.candidate_ce],
+    }
+    cols.update(codec.encode(result.topk))
+    return pa.table(cols, schema=schema)

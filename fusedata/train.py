@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from fusedata.codec import decode_topk
 from fusedata.dataset import atomic_write_text, open_dataset
 from fusedata.errors import OptionError, UsageError
-from fusedata.fuse import PAD_ID
+from fusedata.topk import PAD_ID
 
 STATE_NAME = "trainer_state.json"
 
@@ -454,6 +454,27 @@ def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     lacks it and ran with its default, so missing keys count as defaults (old runs stay resumable)."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return {**defaults, **saved} == {**defaults, **_config_identity(cfg)}
+
+
+def checkpoint_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records of its run (its resume key)."""
+    return _config_identity(cfg)
+
+
+def checkpoint_done(cfg: TrainConfig) -> bool:
+    """Whether cfg.output holds a checkpoint of this very run that already reached its last step."""
+    state_file = Path(cfg.output) / STATE_NAME
+    if not state_file.is_file():
+        return False
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    if not _same_run(state.get("config", {}), cfg):
+        return False
+    total = cfg.max_steps
+    if not total:
+        shards = [s.name for s in open_dataset(cfg.data, "fused").shards]
+        per_epoch = sum(len(b) for _, b in epoch_plan(cfg.data, shards, cfg.batch_tokens, cfg.seed, 0))
+        total = max(1, cfg.epochs * per_epoch // cfg.grad_accum)
+    return int(state.get("step", 0)) >= total
 
 
 def save_checkpoint(model: Any, tokenizer: Any, optim: Any, out: Path, state: dict[str, Any]) -> None:

@@ -85,7 +85,7 @@ class VllmEngine:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         cmd = [
-            str(self.python), "-I", str(WORKER),  # -I: the worker's folder is not on sys.path
+            str(self.python), "-I", str(WORKER),  # -I: nothing of this environment on the worker's sys.path
             "--model", model_path, "--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len + 1),
             "--kv-cache-bytes", str(int(kv_cache_gb * (1 << 30))), "--dtype", dtype,
             "--max-num-batched-tokens", str(batch_tokens),  # 0: the worker picks (see its batch_tokens)

@@ -2,8 +2,9 @@
 
 Runs in the vLLM environment (`make vllm` builds `.venv-vllm`), which has its own torch and
 transformers, so this file imports vllm and numpy only, never fusedata. It is started as a
-script with the isolated flag (`python -I .../vllm_worker.py ...`): the folder holding it is
-not put on sys.path (fusedata's own `inspect.py` would shadow the standard library).
+script with the isolated flag (`python -I .../vllm_worker.py ...`), so nothing of the caller's
+environment reaches it: neither PYTHONPATH and the user site (fusedata's environment) nor the
+folder holding it (fusedata's modules, which are not importable without their dependencies).
 
 Protocol (fusedata/vllm_backend.py is the other side), frames on stdin/stdout, each an
 8-byte little-endian length followed by an `np.savez` archive (no pickles):
@@ -148,7 +149,7 @@ CPU_ENGINE_STEP_TOKENS = 2048
 def batch_tokens(requested: int) -> dict[str, int]:
     """The engine's token budget per step: as requested, else 2,048 on CPU and vLLM's own default
     elsewhere. On CPU every prompt position's log-softmax over the vocabulary is materialised, so
-    vLLM's CPU default of 4,096 is memory-bound: 2,048 ran ~10 % faster (SmolLM2, 2 cores)."""
+    vLLM's CPU default of 4,096 is memory-bound and slower (benchmarks/extract.py --vllm)."""
     if requested > 0:
         return {"max_num_batched_tokens": requested}
     from vllm.platforms import current_platform

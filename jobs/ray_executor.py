@@ -1,8 +1,9 @@
 """The one adapter from a fusedata stage to Ray Data.
 
 Each input shard becomes one row of a Ray dataset; `map_batches` runs a pool of actors that
-load the model once (`setup()`) and call the same `process_shard` the local executor uses,
-so a shard is written atomically by whichever worker computed it. Output folders must be on
+ask for the stage's `resources`, load the model once (`setup()`) and call the same
+`process_shard` the local executor uses, so a shard is written atomically by whichever worker
+computed it. Output folders must be on
 storage every node sees (a shared filesystem) when running on a multi-node cluster.
 """
 
@@ -18,32 +19,35 @@ import pyarrow as pa
 import ray
 
 from fusedata.dataset import DatasetDir
-from fusedata.executor import ShardResult, ShardTask, Stage, process_shard
+from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_shard
 from jobs.embedded_ray import LOOPBACK, start_local_ray
 
 
 class _ShardWorker:
-    def __init__(self, make_stage: Callable[[], Stage], out_path: str) -> None:
-        self.stage = make_stage()
+    def __init__(self, stage: Stage, out_path: str) -> None:
+        self.stage = stage
         self.stage.setup()
         self.out = DatasetDir(out_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = []
         for row in batch.to_pylist():
-            table = pa.Table.from_pylist(row["rows"])
-            r = process_shard(self.stage, ShardTask(row["name"], table), self.out)
+            table = pa.Table.from_pylist(row["rows"]) if row["rows"] is not None else None
+            r = process_shard(self.stage, Task(row["name"], table), self.out)
             results.append(r.__dict__)
         return pa.Table.from_pylist(results)
 
+    def __del__(self) -> None:  # Ray Data has no actor teardown hook: stop engines when the actor goes
+        self.stage.teardown()
 
-def _bind_worker(make_stage: Callable[[], Stage], out_path: str) -> type:
+
+def _bind_worker(stage: Stage, out_path: str) -> type:
     """A worker class with its arguments captured (pickled with the class), so Ray Data needs
     no constructor arguments in the object store and can restart a lost actor."""
 
     class ShardWorker(_ShardWorker):
         def __init__(self) -> None:
-            super().__init__(make_stage, out_path)
+            super().__init__(stage, out_path)
 
     return ShardWorker
 
@@ -82,30 +86,34 @@ def gpus_per_worker(want_gpu: bool, cluster_gpus: float, workers: int) -> float:
     return min(1.0, cluster_gpus / max(1, workers))
 
 
-class RayExecutor:
-    """Shards across a pool of Ray actors, one model load per actor."""
+def actor_resources(wants: Resources, cluster: dict[str, float], workers: int) -> tuple[float, float]:
+    """(CPUs, GPUs) one actor of a stage asks for on a cluster with `cluster` resources."""
+    cpus = wants.cpus or max(1.0, cluster.get("CPU", 1.0) / workers)
+    gpus = min(wants.gpus, gpus_per_worker(wants.gpus > 0, cluster.get("GPU", 0.0), workers))
+    return cpus, gpus
 
-    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None,
-                 want_gpu: bool = False) -> None:
+
+class RayExecutor:
+    """Shards across a pool of Ray actors, one model load per actor, each asking for the stage's
+    `resources` (cpus_per_worker, when given, replaces the stage's CPU figure)."""
+
+    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None) -> None:
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
-        self.want_gpu = want_gpu
 
-    def with_gpu(self, want: bool) -> RayExecutor:
-        return RayExecutor(self.address, self.workers, self.cpus_per_worker, want_gpu=want)
-
-    def run(self, make_stage: Callable[[], Stage], tasks: list[ShardTask], out: DatasetDir, progress: Any) -> list[ShardResult]:
+    def run(self, stage: Stage, tasks: list[Task], out: DatasetDir, progress: Any) -> list[ShardResult]:
         if not tasks:
             return []
         init_ray(self.address)
-        resources = ray.cluster_resources()
-        cpus = self.cpus_per_worker or max(1.0, resources.get("CPU", 1.0) / self.workers)
-        gpus = gpus_per_worker(self.want_gpu, resources.get("GPU", 0.0), self.workers)
-        items = [{"name": t.name, "rows": t.table.to_pylist()} for t in tasks]
+        wants = stage.resources
+        if self.cpus_per_worker:
+            wants = Resources(cpus=self.cpus_per_worker, gpus=wants.gpus)
+        cpus, gpus = actor_resources(wants, ray.cluster_resources(), self.workers)
+        items = [{"name": t.name, "rows": t.table.to_pylist() if t.table is not None else None} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         results = ds.map_batches(
-            _bind_worker(make_stage, str(out.path.resolve())),
+            _bind_worker(stage, str(out.path.resolve())),
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.common import with_kind
+from schemas.common import column, with_kind
 
 ALIGNED_SCHEMA_VERSION = 1
 
@@ -21,12 +21,13 @@ ONE_TO_ONE, MANY_TO_ONE, ONE_TO_MANY, FALLBACK = 0, 1, 2, 3
 ALIGN_KINDS = {ONE_TO_ONE: "1:1", MANY_TO_ONE: "many:1", ONE_TO_MANY: "1:many", FALLBACK: "fallback"}
 
 BASE_FIELDS = [
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("window", pa.int32(), nullable=False),  # the target's window index
-    pa.field("align_kind", pa.list_(pa.int8()), nullable=False),  # [n-1] see ALIGN_KINDS
-    pa.field("mass_kept", pa.float32(), nullable=False),  # mean source top-k mass that survived mapping
-    pa.field("source_nll", pa.float64(), nullable=False),  # source NLL (nats) over the window's predicted bytes
-    pa.field("source_bytes", pa.int64(), nullable=False),  # bytes those source predictions cover
+    column("doc_id", pa.string(), "document id"),
+    column("window", pa.int32(), "the target's window number (same rows and order as the target's topk shard)"),
+    column("align_kind", pa.list_(pa.int8()), "per target position: " + ", ".join(
+        f"{code} = {name}" for code, name in ALIGN_KINDS.items()) + " (one-hot on the label)", "[n−1]"),
+    column("mass_kept", pa.float32(), "share of the source top-k mass that survived the vocabulary map"),
+    column("source_nll", pa.float64(), "the source's own NLL (nats) over the bytes the window predicts"),
+    column("source_bytes", pa.int64(), "bytes those source predictions cover (CE per byte = source_nll / source_bytes)"),
 ]
 
 

@@ -12,21 +12,20 @@ import json
 
 import pyarrow as pa
 
-from schemas.common import with_kind
+from schemas import topk
+from schemas.common import column, with_kind
 
 FUSED_SCHEMA_VERSION = 1
 CANDIDATES_KEY = b"fusedata.candidates"
 
 BASE_FIELDS = [
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("window", pa.int32(), nullable=False),
-    pa.field("byte_start", pa.int64(), nullable=False),
-    pa.field("byte_end", pa.int64(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # [n] target tokens
-    pa.field("labels", pa.list_(pa.int32()), nullable=False),  # [n-1] next-token labels
-    pa.field("winner", pa.list_(pa.int8()), nullable=False),  # [n-1] MinCE: winning candidate; AvgCE: -1
-    pa.field("weights", pa.list_(pa.float32()), nullable=False),  # [M] candidate weights (token unit: mean)
-    pa.field("candidate_ce", pa.list_(pa.float32()), nullable=False),  # [M] CE of each candidate (window metric)
+    *topk.BASE_FIELDS[:4],  # doc_id, window, byte_start, byte_end: as in topk/
+    column("input_ids", pa.list_(pa.int32()), "target tokens", "[n]"),
+    column("labels", pa.list_(pa.int32()), "next-token labels (`input_ids[1:]`)", "[n−1]"),
+    column("winner", pa.list_(pa.int8()), "MinCE: index of the winning candidate per position; AvgCE: −1", "[n−1]"),
+    column("weights", pa.list_(pa.float32()), "candidate weights (token unit: mean over the window)", "[M]"),
+    column("candidate_ce", pa.list_(pa.float32()),
+           "each candidate's CE under the window metric (nats/byte by default)", "[M]"),
 ]
 
 

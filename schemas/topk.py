@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.common import with_kind
+from schemas.common import column, with_kind
 
 TOPK_SCHEMA_VERSION = 1
 
+SPAN = "the window's span in the document's UTF-8 bytes"
+TOKEN_OFFSETS = "byte offsets of each token in the document (BOS: empty span)"
+
 BASE_FIELDS = [
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("window", pa.int32(), nullable=False),  # window index within the document
-    pa.field("byte_start", pa.int64(), nullable=False),  # window span [start, end) in document bytes
-    pa.field("byte_end", pa.int64(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # [n] the model's own tokens
-    pa.field("token_start", pa.list_(pa.int32()), nullable=False),  # [n] byte offset of each token
-    pa.field("token_end", pa.list_(pa.int32()), nullable=False),  # [n]
-    pa.field("ce", pa.float32(), nullable=False),  # mean cross-entropy (nats) over the n-1 positions
+    column("doc_id", pa.string(), "document id"),
+    column("window", pa.int32(), "window number within the document"),
+    column("byte_start", pa.int64(), SPAN),  # [start, end)
+    column("byte_end", pa.int64(), SPAN),
+    column("input_ids", pa.list_(pa.int32()), "the model's own tokens", "[n]"),
+    column("token_start", pa.list_(pa.int32()), TOKEN_OFFSETS, "[n]"),
+    column("token_end", pa.list_(pa.int32()), TOKEN_OFFSETS, "[n]"),
+    column("ce", pa.float32(), "mean cross-entropy (nats) of the window's n−1 predictions"),
 ]
 
 

@@ -52,10 +52,9 @@ def corpus_docs() -> list[dict]:
 def spine(tiny_llama, tiny_gemma, corpus_file, tmp_path_factory) -> Path:
     """topk/llama, topk/gemma, aligned/gemma and fused (MinCE), built once for the session.
     Read-only for tests: a test that damages a dataset copies it first."""
-    from fusedata.extract import ExtractConfig
-    from fusedata.run_align import AlignConfig, AlignJob, run_align
-    from fusedata.run_extract import ExtractJob, run_extract
-    from fusedata.run_fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
     quiet = {"quiet": True, "log": lambda m: None}
     root = tmp_path_factory.mktemp("spine")

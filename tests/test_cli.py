@@ -8,12 +8,13 @@ import json
 import re
 from pathlib import Path
 
+import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from helpers import unreadable
 
-import fusedata.executor
+import fusedata.stages.base
 from cli.main import main
 from schemas.manifest import MANIFEST_NAME, Manifest
 
@@ -167,7 +168,7 @@ def test_another_runs_folder(tiny_llama, corpus_file, finished, tmp_path):
 
 
 def test_interrupt_keeps_finished_shards(tiny_llama, corpus_file, tmp_path, monkeypatch):
-    real = fusedata.executor.process_shard
+    real = fusedata.stages.base.process_shard
     calls = {"n": 0}
 
     def process_shard(*args, **kw):
@@ -176,7 +177,7 @@ def test_interrupt_keeps_finished_shards(tiny_llama, corpus_file, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", process_shard)
     out = tmp_path / "out"
     code, stderr, _ = _extract(tiny_llama, corpus_file, out)
     assert code == 130
@@ -215,3 +216,74 @@ def test_train_refuses_bad_options_by_name(tmp_path, option, value, pattern):
                                        "--output", str(tmp_path / "ckpt"), option, value])
     _assert_usage_error(result.exit_code, result.stderr, result, pattern)
     assert not (tmp_path / "ckpt").exists()
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_refused_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, finished, spine, tmp_path):
+    """--overwrite replaces a dataset only once the new run has been validated: a k above the
+    codec's limit or an AvgCE temperature of 0 stops before anything is deleted."""
+    topk = _copy_dataset(finished, tmp_path / "topk")
+    before = _snapshot(topk)
+    _assert_usage_error(*_extract(tiny_llama, corpus_file, topk, "--top-k", "300", "--overwrite"),
+                        r"zq: k=300 outside 1\.\.254")
+    assert _snapshot(topk) == before
+
+    fused = _copy_dataset(spine / "fused", tmp_path / "fused")
+    before = _snapshot(fused)
+    for temperature in ("0", "-1", "nan"):
+        result = CliRunner().invoke(main, ["fuse", "--target", str(spine / "topk/llama"), "--aligned",
+                                           str(spine / "aligned/gemma"), "--output", str(fused), "--method", "avgce",
+                                           "--temperature", temperature, "--overwrite", "--executor", "local",
+                                           "--quiet"])
+        _assert_usage_error(result.exit_code, result.stderr, result, r"error: --temperature: must be > 0")
+    assert _snapshot(fused) == before
+
+
+def test_python_m_cli_main_knows_every_command(tmp_path):
+    """`python -m cli.main` registers every command before it runs (explore came after the guard)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command in ("explore", "publish", "run", "extract"):
+        done = subprocess.run([sys.executable, "-m", "cli.main", command, "--help"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"Usage: python -m cli.main {command}" in done.stdout
+
+
+@pytest.mark.parametrize("command, config, skip, renamed", [
+    ("extract", "fusedata.stages.extract:ExtractConfig", {"codec"}, {}),
+    ("extract", "fusedata.stages.extract:ExtractJob", {"config", "log"}, {}),
+    ("align", "fusedata.stages.align:AlignConfig", {"codec"}, {}),
+    ("align", "fusedata.stages.align:AlignJob", {"config", "log"}, {}),
+    ("fuse", "fusedata.stages.fuse:FuseConfig", {"codec", "include_target"}, {}),
+    ("fuse", "fusedata.stages.fuse:FuseJob", {"config", "log"}, {}),
+    ("train", "fusedata.train:TrainConfig", set(), {}),
+])
+def test_cli_options_are_the_config_fields(command, config, skip, renamed):
+    """Every field of a stage's config is a command-line option with the dataclass's default (the
+    codec's default is resolved at run time; --no-target is include_target's negation)."""
+    import dataclasses
+    import importlib
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    params = {p.name: p for p in main.commands[command].params}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("internal"):
+            continue
+        param = params.get(renamed.get(f.name, f.name))
+        assert param is not None, f"{command}: no option for {name}.{f.name}"
+        if f.default is not dataclasses.MISSING and not param.required:
+            default = param.get_default(click.Context(main.commands[command]))
+            assert default == f.default, f"{command} --{f.name}: {param.default!r} != {f.default!r}"
+    assert "no_target" in params if command == "fuse" else True

@@ -34,9 +34,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusedata.codec import decode_topk
-from fusedata.extract import ExtractConfig
-from fusedata.run_align import AlignConfig, AlignJob, run_align
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.align import AlignConfig, AlignJob, run_align
+from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 from schemas.manifest import MANIFEST_NAME, Manifest
 
 psutil = pytest.importorskip("psutil")

@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusedata.codec import DEFAULT_CODEC, codec_from_schema
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig, ExtractStage, batch_by_budget, char_to_byte, window_bounds
+from fusedata.stages.extract import ExtractConfig, ExtractStage
 from fusedata.topk import TopK
 from fusedata.vocab import token_bytes
+from fusedata.windows import batch_by_budget, char_to_byte, window_bounds
 
 # -- window_bounds ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from fusedata.codec import decode_topk
-from fusedata.inspect import plot, summarize
+from fusedata.report import plot, summarize
 
 
 def test_fused_dataset_loads_with_datasets_polars_duckdb(spine):
@@ -73,3 +74,44 @@ def test_inspect_refuses_unfinished_folder(spine, tmp_path):
     (tmp_path / "half").mkdir()
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "half")])
     assert result.exit_code == 2 and "no _manifest.json" in result.output
+
+
+def _readme_table(after: str) -> list[list[str]]:
+    """Rows (cells) of the first Markdown table after the line starting with `after` in the README's
+    dataset formats section."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Dataset formats"):]
+    lines = section[section.index(after):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| column"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.parametrize("kind, after", [("topk", "`topk/` —"), ("fused", "`fused/` —")])
+def test_readme_tables_match_the_schema_descriptions(kind, after):
+    """The README's column tables say what the schemas' field metadata says (the card uses the same)."""
+    import re
+
+    from schemas import aligned, fused, topk
+    from schemas.common import description
+
+    fields = {f.name: f for f in {"topk": topk, "fused": fused}[kind].BASE_FIELDS}
+    documented = set()
+    for names, type_cell, meaning in _readme_table(after):
+        cols = re.findall(r"`([a-z_]+)`", names)
+        for col in cols:
+            documented.add(col)
+            want, shape = description(fields[col])
+            if meaning == "as in `topk/`":
+                assert (want, shape) == description(next(f for f in topk.BASE_FIELDS if f.name == col))
+            else:
+                assert want == meaning, col
+                assert type_cell.endswith(shape), col
+    assert documented == set(fields)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    prose = text[text.index("`aligned/<source>` —"):text.index("`fused/` —")]
+    assert all(f"`{f.name}`" in prose for f in aligned.BASE_FIELDS)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from fusedata.fuse import PAD_ID, fuse, label_logprob, merge_sparse, token_metric_ce
-from fusedata.topk import TopK
+from fusedata.fuse import fuse, token_metric_ce
+from fusedata.topk import PAD_ID, TopK, label_logprob, merge_sparse
 
 
 def topk(ids, probs, lengths, tail=None):

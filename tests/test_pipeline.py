@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import fusedata.pipeline
+import fusedata.pipeline.plan
 from cli.main import main
 from fusedata.codec import decode_topk
 from fusedata.errors import UsageError
@@ -216,7 +216,7 @@ def test_plan_estimates(tiny_llama, tiny_gemma, corpus_file, tmp_path, monkeypat
     assert "extract llama" in text and "free disk" in text
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(fusedata.pipeline.shutil, "disk_usage", lambda p: usage(10_000, 9_990, 10))
+    monkeypatch.setattr(fusedata.pipeline.plan.shutil, "disk_usage", lambda p: usage(10_000, 9_990, 10))
     plan = plan_pipeline(path, sample_docs=3)
     assert any("not enough disk" in w for w in plan["warnings"])
     assert "warning: not enough disk" in render_plan(plan)
@@ -227,3 +227,9 @@ def test_plan_measured_rate(tiny_llama, corpus_file, tmp_path):
     text = text.replace('sources = [{ name = "gemma", model = ', 'sources = [{ name = "llama2", model = ')
     plan = plan_pipeline(_write(tmp_path, text), sample_docs=2, measure=True)
     assert plan["models"][0]["rate_from"] == "measured" and plan["models"][0]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan"])
+def test_fuse_temperature_must_be_positive(tmp_path, value):
+    with pytest.raises(UsageError, match=r"fuse\.temperature: must be > 0"):
+        load_pipeline(_write(tmp_path, MINIMAL + f'[fuse]\nmethod = "avgce"\ntemperature = {value}\n'))

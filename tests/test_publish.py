@@ -283,3 +283,36 @@ def test_revision_branch_and_stale_shards(spine, hub):
     assert "data/shard-00009.parquet" not in hub.files("org/branchy", "v2")  # would be matched by data/shard-*
     assert hub.commits[-1].deleted == ["data/shard-00009.parquet"]
     assert sorted(hub.files("org/branchy", "main")) == ["data/shard-00009.parquet"]  # main untouched
+
+
+@pytest.mark.parametrize("kind", ["topk/llama", "aligned/gemma", "fused"])
+def test_reproduce_commands_parse_and_carry_the_stored_settings(spine, kind):
+    """The card's commands are real `fusedata` command lines whose options are the run's settings."""
+    import shlex
+
+    import click
+
+    from cli.main import main
+    from fusedata.publish import reproduce_commands
+
+    manifest = Manifest.read(spine / kind)
+    commands = reproduce_commands(manifest, "zq")
+    for line in commands:
+        words = shlex.split(line)
+        assert words[0] == "fusedata"
+        ctx = main.commands[words[1]].make_context(words[1], words[2:])
+        params = ctx.params
+        if words[1] == "extract":
+            assert params["top_k"] == manifest.run.get("top_k") and params["max_length"] == 24
+            assert params["docs_per_shard"] == 2
+        elif words[1] == "fuse":
+            stored = manifest.run["fuse"]
+            assert {k: params[k] for k in ("method", "unit", "metric", "temperature", "k_out", "codec")} == \
+                {k: stored[k] for k in ("method", "unit", "metric", "temperature", "k_out", "codec")}
+            assert params["no_target"] is not stored["include_target"]
+        elif words[1] == "align" and manifest.kind == "aligned":
+            assert (params["vocab"], params["sequence"]) == (manifest.run["align"]["vocab"],
+                                                           manifest.run["align"]["sequence"])
+        assert isinstance(ctx, click.Context)
+    assert commands[-1].startswith({"topk": "fusedata extract", "aligned": "fusedata align",
+                                    "fused": "fusedata fuse"}[manifest.kind])

@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import fusedata.executor
+import fusedata.stages.base
 from fusedata.codec import codec_from_schema
-from fusedata.extract import ExtractConfig
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 from schemas.manifest import Manifest
 
 ray = pytest.importorskip("ray")
@@ -79,7 +78,7 @@ def test_ray_resumes_a_local_run(local_ray, tiny_llama, corpus_file, tmp_path, m
     ref = tmp_path / "ref"
     run_extract(_job(tiny_llama, corpus_file, ref, []))
     out = tmp_path / "out"
-    real = fusedata.executor.process_shard
+    real = fusedata.stages.base.process_shard
     calls = {"n": 0}
 
     def process_shard(*args, **kw):
@@ -88,7 +87,7 @@ def test_ray_resumes_a_local_run(local_ray, tiny_llama, corpus_file, tmp_path, m
             raise RuntimeError("worker lost")
         return real(*args, **kw)
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", process_shard)
     with pytest.raises(RuntimeError, match="worker lost"):
         run_extract(_job(tiny_llama, corpus_file, out, []))
     monkeypatch.undo()

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from fusedata.codec import codec_from_schema
-from fusedata.extract import ExtractConfig
 from fusedata.models.cache import BUNDLED, PPL_TEXT_FILE, cache_root
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
 from schemas.manifest import Manifest
 
 pytestmark = pytest.mark.real

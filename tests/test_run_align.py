@@ -12,25 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import fusedata.executor
-import fusedata.run_align
+import fusedata.stages.base
+from fusedata.align import DocPositions, align_window, match_by_bytes, match_by_dtw, project
 from fusedata.codec import decode_topk
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig
-from fusedata.fuse import PAD_ID
-from fusedata.run_align import (
-    AlignConfig,
-    AlignJob,
-    DocPositions,
-    align_window,
-    match_by_bytes,
-    match_by_dtw,
-    project,
-    run_align,
-)
-from fusedata.run_extract import ExtractJob, run_extract
-from fusedata.run_fuse import FuseJob, run_fuse
-from fusedata.topk import TopK
+from fusedata.stages.align import AlignConfig, AlignJob, run_align
+from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+from fusedata.stages.fuse import FuseJob, run_fuse
+from fusedata.topk import PAD_ID, TopK
 from schemas.aligned import ALIGN_KINDS, FALLBACK, MANY_TO_ONE, ONE_TO_MANY, ONE_TO_ONE
 from schemas.manifest import MANIFEST_NAME, Manifest
 
@@ -335,7 +324,7 @@ def test_align_resume_and_noop_rerun(extracted, tmp_path, monkeypatch):
 
     out = tmp_path / "aligned"
     calls = {"n": 0}
-    real = fusedata.executor.process_shard
+    real = fusedata.stages.base.process_shard
 
     def fail_second(*a, **k):
         calls["n"] += 1
@@ -343,7 +332,7 @@ def test_align_resume_and_noop_rerun(extracted, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", fail_second)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", fail_second)
     with pytest.raises(KeyboardInterrupt):
         _align(target, source, out)
     monkeypatch.undo()
@@ -361,7 +350,7 @@ def test_align_resume_and_noop_rerun(extracted, tmp_path, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("a complete run must not compute anything")
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", no_work)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", no_work)
     monkeypatch.setattr(fusedata.vocab, "mined_map", no_work)
     logs: list[str] = []
     assert _align(target, source, out, logs) == manifest
@@ -452,8 +441,7 @@ def test_align_finds_the_tokenizer_again_when_the_model_moved(extracted, tmp_pat
 
 
 def test_a_run_is_the_same_run_wherever_its_model_was_found(tmp_path):
-    from fusedata.dataset import DatasetDir, same_run
-    from fusedata.run_fuse import run_digest
+    from fusedata.dataset import DatasetDir, run_digest, same_run
 
     a = {"stage": "extract", "model": "m", "model_path": "/one/m", "model_hash": "h", "inner": {"model_path": "/x"}}
     b = {**a, "model_path": "/two/m", "inner": {"model_path": "/y"}}

@@ -15,12 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import fusedata.dataset
-import fusedata.executor
+import fusedata.stages.base
 from fusedata.codec import DEFAULT_CODEC, codec_from_schema, get_codec
 from fusedata.dataset import RUN_NAME, open_dataset
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig, ExtractStage
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.extract import ExtractConfig, ExtractJob, ExtractStage, run_extract
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.topk import topk_schema
 
@@ -185,7 +184,7 @@ def _fail_after(monkeypatch, n_ok: int, during_write: bool) -> None:
 
         monkeypatch.setattr(fusedata.dataset.pq, "write_table", write_table)
     else:
-        real_process = fusedata.executor.process_shard
+        real_process = fusedata.stages.base.process_shard
 
         def process_shard(*args, **kw):
             calls["n"] += 1
@@ -193,7 +192,7 @@ def _fail_after(monkeypatch, n_ok: int, during_write: bool) -> None:
                 raise Interrupt("worker lost")
             return real_process(*args, **kw)
 
-        monkeypatch.setattr(fusedata.executor, "process_shard", process_shard)
+        monkeypatch.setattr(fusedata.stages.base, "process_shard", process_shard)
 
 
 @pytest.mark.parametrize("during_write", [False, True], ids=["in-stage", "during-write"])
@@ -239,7 +238,7 @@ def test_rerun_of_complete_run_is_a_noop(tiny_llama, corpus_file, reference_run,
     def no_work(*args, **kw):
         raise AssertionError("a complete run must not compute anything")
 
-    monkeypatch.setattr(fusedata.executor, "process_shard", no_work)
+    monkeypatch.setattr(fusedata.stages.base, "process_shard", no_work)
     monkeypatch.setattr(ExtractStage, "setup", no_work)
     logs: list[str] = []
     manifest = run_extract(_job(tiny_llama, corpus_file, reference_run, logs))
@@ -317,3 +316,65 @@ def test_bad_input_leaves_a_finished_folder_alone(tiny_llama, corpus_file, refer
     with pytest.raises(UsageError, match="no such file or folder"):
         run_extract(_job(tiny_llama, tmp_path / "missing.jsonl", reference_run))
     assert _snapshot(reference_run) == before
+
+
+def test_overwrite_deletes_only_what_fusedata_wrote(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "topk"
+    run_extract(_job(tiny_llama, corpus_file, out))
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    (out / "shard-00007.parquet.bak").write_bytes(b"a backup")
+    manifest = run_extract(_job(tiny_llama, corpus_file, out, top_k=6, overwrite=True))
+    assert manifest.run["top_k"] == 6
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "a.png").read_bytes() == b"png"
+    assert (out / "shard-00007.parquet.bak").is_file()
+    assert sorted(p.name for p in out.glob("shard-*.parquet")) == sorted(s.name for s in manifest.shards)
+
+
+def test_output_folder_holding_the_input_is_refused(tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = out / "corpus.jsonl"
+    inside.write_bytes(corpus_file.read_bytes())
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=rf"output folder {out} contains the input {inside}"):
+            run_extract(ExtractJob([str(inside)], str(out), ExtractConfig(model=str(tiny_llama), top_k=K),
+                                   overwrite=overwrite, quiet=True, log=lambda m: None))
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.jsonl"]
+
+
+@pytest.mark.parametrize("record", ['{"a": 1}', "[1, 2]", "not json"])
+def test_a_run_json_that_fusedata_did_not_write_proves_nothing(tiny_llama, corpus_file, tmp_path, record):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / RUN_NAME).write_text(record, encoding="utf-8")
+    (folder / "data.csv").write_text("1,2", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"holds files fusedata did not write"):
+        run_extract(_job(tiny_llama, corpus_file, folder, overwrite=True))
+    assert sorted(p.name for p in folder.iterdir()) == [RUN_NAME, "data.csv"]
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, tmp_path, monkeypatch):
+    """--overwrite builds the new run beside the old dataset and swaps it in only when complete:
+    stopped half-way, the old dataset is still whole; the same command again resumes and replaces it."""
+    out = tmp_path / "topk"
+    old = run_extract(_job(tiny_llama, corpus_file, out))
+    before = {name: v for name, v in _snapshot(out).items()}
+    _fail_after(monkeypatch, 1, during_write=False)
+    with pytest.raises(Interrupt):
+        run_extract(_job(tiny_llama, corpus_file, out, top_k=6, overwrite=True))
+    monkeypatch.undo()
+    assert {n: v for n, v in _snapshot_files(out).items()} == before  # every old file as it was
+    assert open_dataset(out).run == old.run
+    logs: list[str] = []
+    manifest = run_extract(_job(tiny_llama, corpus_file, out, logs, top_k=6, overwrite=True))
+    assert any("resuming, 1 of 3 shards already written" in line for line in logs)
+    assert manifest.run["top_k"] == 6 and Manifest.read(out).run["top_k"] == 6
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, RUN_NAME, *(s.name for s in manifest.shards)])
+    for s in manifest.shards:
+        assert s.sha256 == _sha(out / s.name)
+
+
+def _snapshot_files(folder: Path) -> dict[str, tuple[int, int, str]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, _sha(p)) for p in sorted(folder.iterdir()) if p.is_file()}

@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig
-from fusedata.run_extract import ExtractJob, run_extract
-from fusedata.run_fuse import FuseJob, run_fuse
+from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+from fusedata.stages.fuse import FuseJob, run_fuse
 from fusedata.train import STATE_NAME, TrainConfig, collate, compute_loss, sparse_distill_loss, train
 
 

@@ -22,9 +22,8 @@ from click.testing import CliRunner
 
 from fusedata.codec import codec_from_schema
 from fusedata.errors import UsageError
-from fusedata.extract import ExtractConfig, ExtractStage
 from fusedata.models.cache import BUNDLED, PPL_TEXT_FILE, cache_root
-from fusedata.run_extract import ExtractJob, run_extract
+from fusedata.stages.extract import ExtractConfig, ExtractJob, ExtractStage, run_extract
 from fusedata.vllm_backend import vllm_python
 from fusedata.vllm_worker import positions
 from schemas.manifest import Manifest
@@ -252,7 +251,7 @@ def test_vllm_backend_matches_hf_on_gemma3(model_cache, tmp_path):
         try:
             table = stage(docs)
         finally:
-            stage.close()
+            stage.teardown()
         got[backend] = (table, codec_from_schema(table.schema).decode(table, K))
     (hf_t, hf), (vl_t, vl) = got["hf"], got["vllm"]
     assert hf_t.column("input_ids").to_pylist() == vl_t.column("input_ids").to_pylist()

@@ -43,6 +43,11 @@ class Codec(ABC):
     def decode(self, columns: pa.Table, k: int) -> TopK:
         """Inverse of encode; `columns` holds at least this codec's fields."""
 
+    def check_k(self, k: int) -> None:
+        """Refuse a k this codec cannot store (raise CodecError) before any work is done."""
+        if k < 1:
+            raise CodecError(f"{self.name}: k={k} must be >= 1")
+
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "params": self.params}
 
@@ -84,7 +89,3 @@ def codec_from_schema(schema: pa.Schema, source: str = "") -> Codec:
         return codec_from_spec(json.loads(raw))
     except CodecError as exc:
         raise CodecError(f"{source}: {exc}") from None
-
-
-def available() -> list[str]:
-    return sorted(_LATEST)

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from fusedata.codec.base import Codec, CodecError, register
-from fusedata.topk import TopK
+from fusedata.topk import PAD_ID, TopK
 
 MAGIC = b"FDZQ"
 HDR = struct.Struct("<4sBBHIIII")  # magic, version, reserved, k, n, n_esc, n_gold_out, crc32
@@ -51,10 +51,10 @@ CHILDREN = (
 )
 PAYLOAD = CHILDREN[1:]  # covered by the crc32, in this order
 ESC = 255
+MAX_K = 254  # entries per position a zq column can hold
 TAIL_ZERO = 1e-30
 TAIL_ZERO_CODE = 0xFFFF
 MAX_ID = 1 << 24
-PAD_ID = -1  # padding entry in memory (fusedata.fuse.PAD_ID)
 PAD_CODE = MAX_ID - 1  # how a padding id is stored; real ids are below it
 
 
@@ -159,11 +159,14 @@ class ZqCodec(Codec):
     def fields(self) -> list[pa.Field]:
         return [pa.field(COLUMN, pa.struct([pa.field(c, pa.binary(), nullable=False) for c in CHILDREN]))]
 
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= MAX_K:
+            raise CodecError(f"zq: k={k} outside 1..{MAX_K}")
+
     # -- encode ------------------------------------------------------------------------
     def encode(self, topk: TopK) -> dict[str, pa.Array]:
         n, k = topk.ids.shape
-        if not 1 <= k <= 254:
-            raise CodecError(f"zq: k={k} outside 1..254")
+        self.check_k(k)
         ids = topk.ids.astype(np.int64)  # [n, k]
         pad = ids == PAD_ID  # padding entries (a merged distribution with fewer than k ids)
         if np.any(pad[:, :-1] & ~pad[:, 1:]):

@@ -287,8 +287,9 @@ def explore(cfg: ExploreConfig, pool: ModelPool | None = None, log: Any = print)
     validate(cfg)
     out = Path(cfg.output)
     run = run_identity(cfg)
-    DatasetDir(out).begin(run, overwrite=cfg.overwrite)
-    dirs = {name: DatasetDir(out / name) for name in ("sft", "docs", "history")}
+    parts = ("sft", "docs", "history")
+    DatasetDir(out).begin(run, overwrite=cfg.overwrite, owned=(STATE_NAME, TREE_NAME, *parts))
+    dirs = {name: DatasetDir(out / name) for name in parts}
     for d in dirs.values():
         d.begin(run)
     state, tree, rng = _load_state(out, cfg)

@@ -14,8 +14,6 @@ from fusedata.dataset import open_dataset
 from fusedata.errors import UsageError
 from schemas.common import k_of
 
-TOPK_COLUMN_PREFIXES = ("topk_", "gold_", "tail_")
-
 
 def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
     """Compressed bytes per top-level column, summed over shards (from Parquet metadata)."""

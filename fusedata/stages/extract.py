@@ -4,21 +4,25 @@
 the same object runs in a test, in the local executor and inside a Ray actor. It never pads
 to a fixed length (windows are batched by a token budget, padded only to the longest window
 of their batch) and computes the LM head in chunks of positions, so a 262k vocabulary never
-materialises a [B, T, V] logits tensor.
+materialises a [B, T, V] logits tensor. Given an `ExtractJob` (the corpus and the output) it is
+also a dataset stage (fusedata/stages/base.py): one shard per `docs_per_shard` documents.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
-from fusedata.errors import UsageError
+from fusedata.corpus import CorpusStats, corpus_hash, expand_inputs, read_corpus, shard_docs
+from fusedata.dataset import DatasetDir, shard_name
+from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.models.spec import (
     ModelRef,
     load_config,
@@ -28,12 +32,15 @@ from fusedata.models.spec import (
     tokenizer_hash,
     weights_hash,
 )
+from fusedata.stages.base import Resources, Stage, Task
 from fusedata.topk import TopK, tail_mass
+from fusedata.windows import Window, batch_by_budget, tokenize_windows
+from schemas.manifest import Manifest
 from schemas.topk import topk_schema
 
 VLLM_CALL_TOKENS = 32768  # tokens handed to the vLLM engine per call
 # padded tokens per transformers forward when --batch-tokens is 0: on CPU small batches win
-# (2 cores, windows of 1,024: SmolLM2 461-493 tok/s at 1,024 vs 305-320 at 8,192; Gemma-3 186 vs 159-177)
+# (benchmarks/extract.py; the figures are in the README's extract benchmark)
 CPU_BATCH_TOKENS = 1024
 GPU_BATCH_TOKENS = 8192
 
@@ -44,149 +51,95 @@ class ExtractConfig:
     top_k: int = 10
     max_length: int = 1024  # tokens per window, including the one shared with the next window
     batch_tokens: int = 0  # padded tokens per forward batch (0: 1,024 on CPU, 8,192 on a GPU)
-    lm_head_floats: int = 1 << 25  # logits materialised at once: positions per chunk = this // V
+    # logits materialised at once: positions per chunk = this // V (a tuning knob of tests and benchmarks)
+    lm_head_floats: int = field(default=1 << 25, metadata={"internal": True})
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
     codec: str = DEFAULT_CODEC
     threads: int = 0  # torch threads in this worker; 0 keeps torch's default
-    backend: str = "hf"  # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
+    # "hf": transformers forward + chunked LM head; "vllm": fusedata/vllm_backend.py
+    backend: str = field(default="hf", metadata={"choices": ("hf", "vllm")})
     vllm_kv_cache_gb: float = 1.0  # vLLM KV cache size
     vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
     vllm_batch_tokens: int = 0  # vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU)
+
+    def __post_init__(self) -> None:
+        # top_k against the vocabulary is checked once the tokenizer is loaded (ExtractStage.prepare)
+        check_options([
+            *field_choices(self),
+            ("max_length", self.max_length >= 2, "must be at least 2"),
+            ("batch_tokens", self.batch_tokens >= 0, f"must be >= 0 (0: the default), got {self.batch_tokens}"),
+            ("lm_head_floats", self.lm_head_floats >= 1, "must be >= 1"),
+            ("threads", self.threads >= 0, "must be >= 0 (0: torch's default)"),
+            ("vllm_kv_cache_gb", math.isfinite(self.vllm_kv_cache_gb) and self.vllm_kv_cache_gb > 0,
+             f"must be > 0, got {self.vllm_kv_cache_gb}"),
+            ("vllm_batch_tokens", self.vllm_batch_tokens >= 0,
+             f"must be >= 0 (0: the default), got {self.vllm_batch_tokens}"),
+        ])
 
     def wants_gpu(self) -> bool:
         """A CUDA model or a vLLM engine: on Ray, each worker asks for a GPU where there are some."""
         return self.device.startswith("cuda") or self.backend == "vllm"
 
 
-@dataclass
-class Window:
-    doc: int  # row in the docs table
-    index: int  # window number within the document
-    ids: np.ndarray  # int32 [n]
-    start: np.ndarray  # int32 [n] byte offsets
-    end: np.ndarray  # int32 [n]
+@dataclass(frozen=True)
+class ExtractJob:
+    """An extract run: the corpus, the output folder and the model settings."""
+
+    inputs: list[str]
+    output: str
+    config: ExtractConfig
+    text_field: str = "text"
+    id_field: str = "id"
+    skip_bad_lines: bool = False
+    docs_per_shard: int = 64
+    overwrite: bool = False
+    quiet: bool = False
+    log: Any = field(default=print, repr=False)
+
+    def __post_init__(self) -> None:
+        check_options([("docs_per_shard", self.docs_per_shard >= 1, "must be >= 1")])
 
 
-def char_to_byte(text: str) -> np.ndarray:
-    """int64 [len(text)+1]: UTF-8 byte offset of every character boundary."""
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    nbytes = 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
-    return np.concatenate([[0], np.cumsum(nbytes)])
+class ExtractStage(Stage):
+    """docs table (doc_id, text) -> topk table (schemas/topk.py), one row per window; with a job,
+    the dataset stage over its corpus."""
 
+    kind = "topk"
+    count_docs = True
 
-def window_bounds(n_tokens: int, max_length: int, bos_prefixed: bool = False) -> list[tuple[int, int]]:
-    """[start, end) token ranges of at most max_length tokens, each token after the first
-    predicted exactly once. Without a BOS, consecutive windows share one token. With a BOS
-    (the document starts with it), windows do not overlap and each later window gets the BOS
-    re-prepended by the caller, so its length budget here is max_length - 1 (Gemma-3 degrades
-    badly on a window that does not start with <bos>). Windows predicting nothing are dropped."""
-    if max_length < 2 + int(bos_prefixed):
-        raise UsageError(f"--max-length must be at least {2 + int(bos_prefixed)}")
-    if bos_prefixed:
-        step = max_length - 1
-        return [(s, min(s + step, n_tokens)) for s in range(1, n_tokens, step)]
-    if n_tokens < 2:
-        return []
-    step = max_length - 1
-    return [(s, min(s + max_length, n_tokens)) for s in range(0, n_tokens - 1, step)]
-
-
-def split_character_spans(ids: np.ndarray, start: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> None:
-    """Give tokens that split a character their own bytes, in place.
-
-    Tokenizer offsets are in characters, so pieces of one multi-byte character (byte-level
-    pieces like `Ã` `»` or `ĠðŁĺ` `Ģ`, byte fallback `<0xC3>` `<0xBB>`) report the whole
-    character's span and overlap. Each maximal run of consecutive tokens whose span length
-    differs from their byte length is laid out again, byte by byte from the run's start; the
-    new layout is kept only if it ends exactly where the run ended (else the tokenizer had a
-    normaliser that changed the text, and its spans are left as they were).
-    """
-    n = len(ids)
-    lengths = np.where(ids < len(nbytes), nbytes[np.minimum(ids, len(nbytes) - 1)], 0)  # [n]
-    off = (lengths > 0) & (end - start != lengths)  # [n]
-    i = 0
-    while i < n:
-        if not off[i]:
-            i += 1
-            continue
-        j = i
-        while j + 1 < n and off[j + 1]:
-            j += 1
-        group = np.arange(i, j + 1)
-        first = start[i] + np.concatenate([[0], np.cumsum(lengths[group])[:-1]])
-        if first[-1] + lengths[j] == end[group].max():
-            start[group], end[group] = first, first + lengths[group]
-        i = j + 1
-
-
-def tokenize_windows(tokenizer: Any, texts: list[str], max_length: int, token_nbytes: np.ndarray) -> list[Window]:
-    """Tokenise texts with byte offsets and cut each into windows (extract's, and eval's)."""
-    if not texts:  # transformers' batch tokenizer fails on an empty list
-        return []
-    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-    bos = tokenizer.bos_token_id
-    out: list[Window] = []
-    for d, text in enumerate(texts):
-        ids = np.asarray(enc["input_ids"][d], dtype=np.int32)  # [n]
-        chars = np.asarray(enc["offset_mapping"][d], dtype=np.int64).reshape(-1, 2)  # [n, 2]
-        byte_at = char_to_byte(text)
-        start, end = byte_at[chars[:, 0]].astype(np.int32), byte_at[chars[:, 1]].astype(np.int32)
-        split_character_spans(ids, start, end, token_nbytes)
-        bos_prefixed = bos is not None and len(ids) > 0 and int(ids[0]) == bos
-        for w, (s, e) in enumerate(window_bounds(len(ids), max_length, bos_prefixed)):
-            if bos_prefixed:  # [BOS] + body tokens; the BOS covers no bytes
-                sel = np.concatenate([[0], np.arange(s, e)])
-                st, en = start[sel], end[sel]
-                st[0] = en[0] = start[s]
-                out.append(Window(d, w, ids[sel], st, en))
-            else:
-                out.append(Window(d, w, ids[s:e], start[s:e], end[s:e]))
-    return out
-
-
-def batch_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group window indices (longest first) so that rows × longest row ≤ budget tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-class ExtractStage:
-    """docs table (doc_id, text) -> topk table (schemas/topk.py), one row per window."""
-
-    def __init__(self, config: ExtractConfig, ref: ModelRef | None = None) -> None:
+    def __init__(self, config: ExtractConfig, ref: ModelRef | None = None, job: ExtractJob | None = None) -> None:
         self.config = config
         self.ref = ref
+        self.job = job
         self.model = None
         self.engine = None  # the vLLM backend's engine (fusedata/vllm_backend.py)
         self.tokenizer = None
+        self.output = job.output if job else ""
+        self.label = f"extract {config.model}"
+        self.resources = Resources(gpus=1.0 if config.wants_gpu() else 0.0)
+        self._docs: pa.Table | None = None
+        self._cstats: CorpusStats | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a Ray actor gets: settings and the resolved model, not the model, tokenizer or corpus."""
+        state = dict(self.__dict__)
+        for key in ("model", "engine", "tokenizer", "_nbytes", "_docs"):
+            state[key] = None
+        return state
 
     # -- set-up (driver and worker) -------------------------------------------------------
     def prepare(self) -> None:
         """Resolve the model and load its tokenizer: cheap, safe to run in the driver."""
-        if self.config.backend not in ("hf", "vllm"):
-            raise UsageError(f"unknown extract backend {self.config.backend!r}: use hf or vllm")
         if self.ref is None:
             self.ref = resolve(self.config.model)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.ref)
         self.vocab_size = self._vocab_size()
-        for name in ("batch_tokens", "vllm_batch_tokens"):
-            if getattr(self.config, name) < 0:
-                raise UsageError(f"{name} must be >= 0 (0: the default), got {getattr(self.config, name)}")
         if not 1 <= self.config.top_k <= self.vocab_size:
             raise UsageError(f"--top-k {self.config.top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.codec = get_codec(self.config.codec)
+        self.codec.check_k(self.config.top_k)  # before the run claims (and perhaps overwrites) its folder
         self.schema = topk_schema(self.codec.fields(), self.codec.metadata(), self.config.top_k)
 
     def token_nbytes(self) -> np.ndarray:
@@ -226,13 +179,15 @@ class ExtractStage:
         self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
         self._check_head()
 
-    def close(self) -> None:
-        """Stop the vLLM engine's child process now (else it stops when the stage is dropped)."""
+    def teardown(self) -> None:
+        """Stop the vLLM engine's child process now (else it stops when the stage is dropped) and
+        let go of the model; a later call loads them again."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        self.model = None
 
-    def identity(self) -> dict[str, Any]:
+    def model_identity(self) -> dict[str, Any]:
         """Everything about the model and settings that changes this stage's output."""
         self.prepare()
         # vLLM's kernels give log-probs that differ from the transformers path by ~1e-4 and may
@@ -253,6 +208,55 @@ class ExtractStage:
             **backend,
         }
 
+    def identity(self) -> dict[str, Any]:
+        """The run record: the model's identity, and with a job the corpus and its sharding."""
+        if self.job is None:
+            return self.model_identity()
+        docs = self.docs()
+        return {
+            "stage": "extract",
+            **self.model_identity(),
+            "corpus_hash": corpus_hash(docs),
+            "docs": docs.num_rows,
+            "docs_per_shard": self.job.docs_per_shard,
+        }
+
+    # -- the dataset stage (with a job) --------------------------------------------------
+    def docs(self) -> pa.Table:
+        """The job's corpus, read once in the driver."""
+        if self._docs is None:
+            assert self.job is not None
+            self._docs, self._cstats = read_corpus(self.job.inputs, self.job.text_field, self.job.id_field,
+                                                   self.job.skip_bad_lines)
+        return self._docs
+
+    def inputs(self) -> list[str]:
+        return [str(p) for p, _ in expand_inputs(self.job.inputs)] if self.job else []
+
+    def tasks(self) -> list[Task]:
+        assert self.job is not None
+        return [Task(shard_name(i), t) for i, t in enumerate(shard_docs(self.docs(), self.job.docs_per_shard))]
+
+    def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
+        assert task.table is not None
+        return self(task.table, on_tokens)
+
+    def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
+        result = topk_stats(out, names)
+        cstats = self._cstats or CorpusStats()
+        result.update(
+            files=cstats.files,
+            empty_docs_skipped=cstats.empty_skipped,
+            docs_too_short=self.docs().num_rows - result["docs"],  # fewer than two tokens: nothing to predict
+            bad_lines_skipped=cstats.bad_skipped,
+            tokens_per_second_this_run=round(rate, 1),
+        )
+        return result
+
+    def summary(self, manifest: Manifest) -> str:
+        return (f"{self.output}: {manifest.rows} windows, {manifest.tokens:,} tokens, "
+                f"mean CE {manifest.stats['mean_ce']:.3f} nats, {manifest.stats['bytes_per_token']:.1f} bytes/token")
+
     # -- the pure part -------------------------------------------------------------------
     def windows(self, docs: pa.Table) -> list[Window]:
         """Tokenise every document with byte offsets and cut it into windows."""
@@ -265,7 +269,7 @@ class ExtractStage:
         wins = self.windows(docs)
         per_window: list[TopK | None] = [None] * len(wins)
         # vLLM schedules its own batches: handing it many windows per call keeps its engine busy
-        # (measured on CPU: 2,048-token calls ran ~20 % slower than 32k-token calls)
+        # (small calls are slower; benchmarks/extract.py --vllm measures it)
         budget = max(self.batch_tokens(), VLLM_CALL_TOKENS) if self.engine is not None else self.batch_tokens()
         for batch in batch_by_budget([len(w.ids) for w in wins], budget):
             for i, topk in zip(batch, self.forward([wins[i].ids for i in batch]), strict=True):
@@ -361,13 +365,38 @@ class ExtractStage:
         return pa.table(cols, schema=self.schema)
 
 
-def corpus_hash(docs: pa.Table) -> str:
-    """Identity of the documents (ids and texts) an extract ran over."""
-    h = hashlib.sha256()
-    for doc_id, text in zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist(), strict=True):
-        h.update(doc_id.encode())
-        h.update(b"\0")
-        h.update(text.encode())
-        h.update(b"\1")
-    return h.hexdigest()
+def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
+    """Summary statistics read back from the written shards (so a resumed run counts all)."""
+    positions = 0
+    ce_sum = 0.0
+    tokens = 0
+    docs: set[str] = set()
+    total_bytes = 0
+    for name in names:
+        path = out.shard_path(name)
+        t = pq.read_table(path, columns=["doc_id", "input_ids", "ce"])
+        n = t.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+        # windows of n tokens predict n-1 positions (the BOS-prefixed ones too)
+        pos = np.maximum(n - 1, 0)
+        positions += int(pos.sum())
+        tokens += int(n.sum())
+        ce_sum += float((t.column("ce").to_numpy() * pos).sum())
+        docs.update(t.column("doc_id").to_pylist())
+        total_bytes += path.stat().st_size
+    return {
+        "docs": len(docs),
+        "windows": sum(pq.read_metadata(out.shard_path(n)).num_rows for n in names),
+        "tokens": tokens,
+        "positions": positions,
+        "mean_ce": ce_sum / max(positions, 1),
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / max(positions, 1),
+    }
 
+
+def run_extract(job: ExtractJob, executor: Any = None) -> Manifest:
+    """Extract `job.config.model`'s top-k over the job's corpus into `job.output`."""
+    from fusedata.stages.base import run_stage
+
+    stage = ExtractStage(job.config, job=job)
+    return run_stage(stage, executor, overwrite=job.overwrite, quiet=job.quiet, log=job.log).manifest

@@ -1,41 +1,23 @@
-"""Drive an align run: a source model's topk dataset -> its distributions on the target's
-positions and vocabulary (`aligned/`), shard by shard, following the target's shards.
+"""Alignment maths: a source model's predictions expressed on the target's positions and vocabulary.
 
-Per target shard the stage reads the source windows of the same documents (the two models
-may window a document differently: alignment works on absolute document byte offsets, so
-that does not matter), aligns positions (`bytes` or `dtw`), maps ids with the vocabulary map
-(EM or MinED, computed once and cached) and projects the source top-k into target ids.
+Per target window, each target position is matched to the source position that predicts the text
+from the same byte (`match_by_bytes`, linear time) or by DTW over token strings (`match_by_dtw`);
+the source top-k at the matched position is mapped into target ids with a vocabulary map (EM or
+MinED, fusedata.vocab) and duplicates merged (`project`). Positions with no match fall back to a
+one-hot on the target's next-token label (not the current token: FuseAI issue 27).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from fusedata.codec import DEFAULT_CODEC, decode_topk, get_codec
-from fusedata.dataset import DatasetDir, open_dataset, table_tokens
-from fusedata.errors import UsageError
-from fusedata.executor import Executor, LocalExecutor, run_stage
-from fusedata.run_fuse import TARGET_KEYS, run_digest
-from fusedata.topk import TopK
-from schemas.aligned import ALIGN_KINDS, aligned_schema
-from schemas.manifest import Manifest
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    vocab: str = "mined"  # exact | mined
-    sequence: str = "bytes"  # bytes | dtw
-    codec: str = DEFAULT_CODEC
-    cache_dir: str = ""  # vocabulary map cache; "" = the model cache
+from fusedata.codec import decode_topk
+from fusedata.topk import PAD_ID, TopK, label_logprob, merge_sparse, tail_of_probs
+from schemas.aligned import FALLBACK, MANY_TO_ONE, ONE_TO_MANY, ONE_TO_ONE
 
 
 @dataclass
@@ -100,10 +82,10 @@ def match_by_bytes(tgt_start: np.ndarray, tgt_end: np.ndarray, src: DocPositions
     jj = np.minimum(j, max(len(src.pred_start) - 1, 0))
     hit = (j < len(src.pred_start)) & (src.pred_start[jj] == b) if len(src.pred_start) else np.zeros(len(b), bool)
     src_end = src.pred_end[jj] if len(src.pred_start) else np.zeros(len(b), np.int64)
-    kinds = np.full(len(b), 3, dtype=np.int8)  # FALLBACK
-    kinds[hit & (src_end == e)] = 0  # 1:1
-    kinds[hit & (src_end < e)] = 1  # many:1
-    kinds[hit & (src_end > e)] = 2  # 1:many
+    kinds = np.full(len(b), FALLBACK, dtype=np.int8)
+    kinds[hit & (src_end == e)] = ONE_TO_ONE
+    kinds[hit & (src_end < e)] = MANY_TO_ONE
+    kinds[hit & (src_end > e)] = ONE_TO_MANY
     return np.where(hit, jj, -1), kinds
 
 
@@ -112,8 +94,6 @@ def project(src_topk: TopK, matched: np.ndarray, labels: np.ndarray, vocab_map: 
     """Source top-k at the matched positions, mapped into target ids (duplicates merged by
     adding probabilities); unmatched positions get a one-hot on the target's next-token label.
     Returns the TopK [n-1, k] and the share of source top-k mass kept per position."""
-    from fusedata.fuse import PAD_ID, label_logprob, merge_sparse
-
     n, k = len(matched), src_topk.k
     ok = matched >= 0
     src_ids = src_topk.ids[np.where(ok, matched, 0)]  # [n, k]
@@ -131,7 +111,7 @@ def project(src_topk: TopK, matched: np.ndarray, labels: np.ndarray, vocab_map: 
     kept = np.where(ok, p.sum(axis=1) / np.maximum(total, 1e-12), 1.0)
     with np.errstate(divide="ignore"):
         lp = np.where(ids == PAD_ID, -np.inf, np.log(np.maximum(p, 1e-45))).astype(np.float32)
-    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0).astype(np.float32)
+    tail = tail_of_probs(p)
     out = TopK(ids, lp, np.zeros(n, np.float32), tail, np.array([n], np.int64))
     out.gold_logprob = label_logprob(out, labels.astype(np.int64), target_vocab).astype(np.float32)
     return out, kept
@@ -150,14 +130,14 @@ def match_by_dtw(ids: np.ndarray, src: DocPositions, inside: np.ndarray, tgt_tex
     b = strip_markers([src_texts[i] or "" for i in src.gold_ids[sel]])
     n = len(a)
     if not b:
-        return np.full(n, -1, dtype=np.int64), np.full(n, 3, dtype=np.int8)
+        return np.full(n, -1, dtype=np.int64), np.full(n, FALLBACK, dtype=np.int8)
     off, col = dtw_align(a, b)
     count = np.diff(off)  # [n] source tokens per target token
     fan_in = np.bincount(col, minlength=len(b))  # target tokens per source token
     first = col[off[:-1]]
-    kinds = np.zeros(n, dtype=np.int8)
-    kinds[fan_in[first] > 1] = 2
-    kinds[count > 1] = 1
+    kinds = np.full(n, ONE_TO_ONE, dtype=np.int8)
+    kinds[fan_in[first] > 1] = ONE_TO_MANY
+    kinds[count > 1] = MANY_TO_ONE
     return sel[first].astype(np.int64), kinds
 
 
@@ -202,131 +182,3 @@ def align_tables(target: pa.Table, source_rows: pa.Table, vocab_map: np.ndarray,
         return schema.empty_table()
     cols.update(codec.encode(topk))
     return pa.table(cols, schema=schema)
-
-
-class AlignStage:
-    """One target shard name in -> the aligned shard. Loads the vocabulary map once per worker."""
-
-    def __init__(self, target_dir: str, source_dir: str, source_index: dict[str, list[str]], map_path: str,
-                 k: int, target_vocab: int, config: AlignConfig, texts: tuple[list, list] | None = None) -> None:
-        self.target_dir, self.source_dir, self.source_index = target_dir, source_dir, source_index
-        self.texts = texts
-        self.map_path, self.target_vocab, self.config = map_path, target_vocab, config
-        self.codec = get_codec(config.codec)
-        self.schema = aligned_schema(self.codec.fields(), self.codec.metadata(), k)
-        self.vocab_map: np.ndarray | None = None
-
-    def setup(self) -> None:
-        self.vocab_map = np.load(self.map_path)
-
-    def __call__(self, task: pa.Table, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        if self.vocab_map is None:
-            self.setup()
-        name = task.column("shard")[0].as_py()
-        target = pq.read_table(Path(self.target_dir) / name)
-        docs = set(target.column("doc_id").to_pylist())
-        shards = sorted({s for d in docs for s in self.source_index.get(d, [])})
-        parts = [pq.read_table(Path(self.source_dir) / s, filters=[("doc_id", "in", list(docs))]) for s in shards]
-        source_rows = pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string())})
-        out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema, self.texts)
-        if on_tokens is not None:
-            on_tokens(table_tokens(target))
-        return out
-
-
-@dataclass
-class AlignJob:
-    target: str
-    source: str
-    output: str
-    config: AlignConfig = field(default_factory=AlignConfig)
-    overwrite: bool = False
-    quiet: bool = False
-    log: Any = field(default=print, repr=False)
-
-
-def _tokenizer_of(run: dict[str, Any], dataset: str) -> Any:
-    """The tokenizer a topk dataset was made with: from where the model was found then, else (a
-    moved cache, another machine) from its spec again; either way it must hash the same."""
-    from fusedata.models.spec import ModelRef, load_tokenizer, resolve, tokenizer_hash
-
-    path = run.get("model_path")
-    ref = ModelRef(run["model"], path) if path and Path(path).exists() else resolve(run["model"])
-    tok = load_tokenizer(ref)
-    if tokenizer_hash(tok) != run["tokenizer_hash"]:
-        raise UsageError(f"{dataset}: the tokenizer of {run['model']!r} found at {ref.path} is not the one the "
-                         "dataset was made with (tokenizer hash differs)")
-    return tok
-
-
-def run_align(job: AlignJob, executor: Executor | None = None) -> Manifest:
-    from fusedata.models.cache import cache_root
-    from fusedata.vocab import token_texts, vocab_map
-
-    executor = executor or LocalExecutor()
-    if job.config.vocab not in ("exact", "mined"):
-        raise UsageError("--vocab must be exact or mined")
-    if job.config.sequence not in ("bytes", "dtw"):
-        raise UsageError("--sequence must be bytes or dtw")
-    target = open_dataset(job.target, "topk")
-    source = open_dataset(job.source, "topk")
-    if source.run.get("corpus_hash") != target.run.get("corpus_hash"):
-        raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
-    tgt_tok = _tokenizer_of(target.run, job.target)
-    src_tok = _tokenizer_of(source.run, job.source)
-    cache = Path(job.config.cache_dir) if job.config.cache_dir else cache_root().parent / "vocab"
-    vmap = vocab_map(src_tok, tgt_tok, job.config.vocab, int(source.run["vocab_size"]), cache)
-    # the workers load the map from a file named by its content, so a changed map is never stale
-    map_path = cache / f"map-{hashlib.sha256(vmap.tobytes()).hexdigest()[:20]}.npy"
-    if not map_path.is_file():
-        np.save(map_path.with_suffix(".tmp.npy"), vmap)
-        map_path.with_suffix(".tmp.npy").replace(map_path)
-    run = {
-        "stage": "align",
-        "target": {k: target.run.get(k) for k in TARGET_KEYS} | {"model": target.run["model"]},
-        "target_run": run_digest(target.run),
-        "source": {"model": source.run["model"], "tokenizer_hash": source.run["tokenizer_hash"],
-                   "model_hash": source.run["model_hash"], "licence": source.run.get("licence")},
-        "source_run": run_digest(source.run),
-        "align": {k: v for k, v in job.config.__dict__.items() if k != "cache_dir"},
-        "top_k": source.run["top_k"],
-        "vocab_size": target.run["vocab_size"],
-        "model": source.run["model"],
-    }
-    index: dict[str, list[str]] = {}
-    for s in source.shards:
-        for d in set(pq.read_table(Path(job.source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
-            index.setdefault(d, []).append(s.name)
-    texts = (token_texts(tgt_tok), token_texts(src_tok)) if job.config.sequence == "dtw" else None
-    make = functools.partial(AlignStage, job.target, job.source, index, str(map_path), int(source.run["top_k"]),
-                             int(target.run["vocab_size"]), job.config, texts)
-
-    def stats(out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
-        return aligned_stats(out, names) | {"vocab_mapped": float((vmap >= 0).mean())}
-
-    manifest = run_stage(
-        kind="aligned", output=job.output, run=run, names=[s.name for s in target.shards], executor=executor,
-        make_stage=make, stats=stats, label=f"align {source.run['model']} -> {target.run['model']}",
-        overwrite=job.overwrite, quiet=job.quiet, log=job.log,
-    )
-    stats = manifest.stats
-    share = ", ".join(f"{k} {v:.1%}" for k, v in stats["kinds"].items())
-    job.log(f"{job.output}: {stats['positions']:,} target positions: {share}; mass kept {stats['mass_kept']:.3f}")
-    return manifest
-
-
-def aligned_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
-    counts = np.zeros(len(ALIGN_KINDS))
-    mass = 0.0
-    for name in names:
-        t = pq.read_table(out.shard_path(name), columns=["align_kind", "mass_kept"])
-        kinds = t.column("align_kind").combine_chunks().values.to_numpy(zero_copy_only=False)
-        counts += np.bincount(kinds, minlength=len(ALIGN_KINDS))[: len(ALIGN_KINDS)]
-        lens = t.column("align_kind").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-        mass += float((t.column("mass_kept").to_numpy() * lens).sum())
-    total = max(counts.sum(), 1)
-    return {
-        "positions": int(counts.sum()),
-        "kinds": {ALIGN_KINDS[i]: round(float(counts[i] / total), 4) for i in range(len(ALIGN_KINDS))},
-        "mass_kept": mass / total,
-    }

@@ -1,0 +1,214 @@
+"""`fusedata run`: every step of a pipeline file in order, each skipped when already done.
+
+The dataset stages (extract, align, fuse) run through `run_stage`, which says whether it skipped,
+resumed or ran. Before a finished dataset is trusted, its shards are checked against the sha256 in
+its manifest (`verify_dataset`): a damaged shard is deleted together with the manifest and the stage
+reruns, recomputing only that shard. The other steps (demo files, plots, train, eval) each have an
+`identity()` and an `is_done()`, so a rerun of a finished pipeline does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fusedata.dataset import atomic_write_text, repair_dataset, sha256_file, verify_dataset
+from fusedata.pipeline.config import EvalSpec, Pipeline, load_pipeline
+from fusedata.train import TrainConfig
+from schemas.manifest import MANIFEST_NAME
+
+
+@dataclass
+class StepResult:
+    step: str
+    output: str
+    status: str  # ran | resumed | skipped | repaired
+    seconds: float
+    detail: str = ""
+
+
+def _write_if_changed(build: Callable[[Path], Any], target: Path) -> bool:
+    """Build a file into a temporary name and replace `target` only when the content differs,
+    so a rerun leaves it (and every stage hashing it) untouched. Returns whether it changed."""
+    tmp = target.with_name(f".{target.name}.new")
+    build(tmp)
+    if target.is_file() and target.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+        return False
+    tmp.replace(target)
+    return True
+
+
+class Step:
+    """A pipeline step that is not a dataset stage: it knows its identity and when it is done."""
+
+    def identity(self) -> Any:
+        raise NotImplementedError
+
+    def is_done(self) -> bool:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def run_if_needed(self) -> bool:
+        """Run unless done; whether it ran."""
+        if self.is_done():
+            return False
+        self.run()
+        return True
+
+
+class DemoFileStep(Step):
+    """The bundled demo corpus (or held-out set) as a JSONL file: rebuilt in a temporary file and
+    written only when its content differs, so the stages that hash it see no change."""
+
+    def __init__(self, target: Path, settings: dict[str, int]) -> None:
+        self.target, self.settings = target, settings
+
+    def identity(self) -> dict[str, int]:
+        return self.settings
+
+    def run_if_needed(self) -> bool:
+        from fusedata.demo_corpus import build_demo_corpus
+
+        dc = self.settings
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        return _write_if_changed(lambda p: build_demo_corpus(p, dc["per_domain"], dc["max_chars"], dc["skip"]),
+                                 self.target)
+
+
+class TrainStep(Step):
+    """The pipeline's training step: done when a checkpoint of this very run reached its last step."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+        self.cfg, self.log = cfg, log
+
+    def identity(self) -> dict[str, Any]:
+        from fusedata.train import checkpoint_identity
+
+        return checkpoint_identity(self.cfg)
+
+    def is_done(self) -> bool:
+        from fusedata.train import checkpoint_done
+
+        return checkpoint_done(self.cfg)
+
+    def run(self) -> None:
+        from fusedata.train import train
+
+        result = train(self.cfg, log=self.log)
+        self.log(f"{self.cfg.output}: {result['steps']} steps, {result['tokens']:,} tokens")
+
+
+class EvalStep(Step):
+    """The pipeline's evaluation: `eval.json` holds the result with the identity it was made for."""
+
+    def __init__(self, spec: EvalSpec, log: Callable[[str], None]) -> None:
+        self.spec, self.log = spec, log
+
+    def identity(self) -> dict[str, Any]:
+        """What changes an evaluation's result: the model's weights, the data files, the settings."""
+        from fusedata.corpus import expand_inputs
+        from fusedata.models.spec import resolve, weights_hash
+
+        spec = self.spec
+        ref = resolve(spec.model)
+        files = sorted(str(p) for p, _ in expand_inputs(spec.inputs)) if spec.inputs else []
+        # weights_hash is memoised by path; a checkpoint retrained in place must be hashed afresh
+        return {"model": spec.model, "model_hash": weights_hash.__wrapped__(ref.path),
+                "data": {f: sha256_file(Path(f)) for f in files}, "tasks": spec.tasks, "limit": spec.limit,
+                "max_length": spec.max_length}
+
+    def is_done(self) -> bool:
+        out = Path(self.spec.output)
+        return out.is_file() and json.loads(out.read_text(encoding="utf-8")).get("identity") == self.identity()
+
+    def run(self) -> None:
+        from fusedata.evaluate import evaluate, render
+
+        spec = self.spec
+        result = evaluate(spec.model, spec.inputs, spec.tasks, spec.limit, spec.max_length)
+        out = Path(spec.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps({"identity": self.identity(), "result": result}, indent=2))
+        self.log(render(result))
+
+
+class PlotStep(Step):
+    """`inspect`'s charts of the fused dataset: done when drawn from this very manifest."""
+
+    STAMP = ".fused-manifest.sha256"
+
+    def __init__(self, fused: str, output: str) -> None:
+        self.fused, self.output = fused, Path(output)
+
+    def identity(self) -> str:
+        p = Path(self.fused) / MANIFEST_NAME
+        return hashlib.sha256((p.read_text(encoding="utf-8") if p.is_file() else "").encode()).hexdigest()
+
+    def is_done(self) -> bool:
+        stamp = self.output / self.STAMP
+        return stamp.is_file() and stamp.read_text() == self.identity()
+
+    def run(self) -> None:
+        from fusedata.report import plot
+
+        plot(self.fused, self.output)
+        atomic_write_text(self.output / self.STAMP, self.identity())
+
+
+def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callable[[str], None] = print,
+                 verify: bool | None = None) -> list[StepResult]:
+    """Run every stage of the pipeline in order, skipping finished ones and recomputing shards
+    that fail their checksum. `executor` runs the dataset stages (default: one local process);
+    the CLI builds a Ray one from `[pipeline] executor/address/workers`."""
+    from fusedata.stages import AlignStage, ExtractStage, FuseStage, LocalExecutor, run_stage
+
+    pipe = path if isinstance(path, Pipeline) else load_pipeline(path, log)
+    executor = executor or LocalExecutor()
+    check = pipe.verify if verify is None else verify
+    results: list[StepResult] = []
+
+    def dataset_step(name: str, job: Any, make: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        repaired = ""
+        if check:
+            bad = verify_dataset(job.output)
+            if bad:
+                log(f"{job.output}: {len(bad)} shard(s) fail their checksum ({', '.join(bad[:5])}); recomputing them")
+                repair_dataset(job.output, bad)
+                repaired = f"recomputed {', '.join(bad)}"
+        result = run_stage(make(), executor, overwrite=job.overwrite, quiet=job.quiet, log=job.log)
+        status = "repaired" if repaired else result.status
+        results.append(StepResult(name, job.output, status, time.perf_counter() - t0, repaired))
+        log(f"[{name}] {status}{': ' + repaired if repaired else ''}")
+
+    def step(name: str, output: str, it: Step) -> None:
+        t0 = time.perf_counter()
+        status = "ran" if it.run_if_needed() else "skipped"
+        results.append(StepResult(name, output, status, time.perf_counter() - t0))
+        log(f"[{name}] {status}")
+
+    if pipe.demo_corpus:
+        step("demo-corpus", pipe.corpus_inputs[0], DemoFileStep(Path(pipe.corpus_inputs[0]), pipe.demo_corpus))
+    if pipe.demo_heldout:
+        held = pipe.eval.inputs[0]  # type: ignore[union-attr]
+        step("demo-heldout", held, DemoFileStep(Path(held), pipe.demo_heldout))
+    for job, mdl in zip(pipe.extract, [pipe.target, *pipe.sources], strict=True):
+        dataset_step(f"extract {mdl.name}", job, lambda job=job: ExtractStage(job.config, job=job))
+    for job, mdl in zip(pipe.align, pipe.sources, strict=True):
+        dataset_step(f"align {mdl.name}", job, lambda job=job: AlignStage(job))
+    dataset_step("fuse", pipe.fuse, lambda: FuseStage(pipe.fuse))
+    if pipe.plots:
+        step("inspect", pipe.plots, PlotStep(pipe.fuse.output, pipe.plots))
+    if pipe.train:
+        step("train", pipe.train.output, TrainStep(pipe.train, log))
+    if pipe.eval:
+        step("eval", pipe.eval.output, EvalStep(pipe.eval, log))
+    return results
