@@ -63,7 +63,7 @@ class Track:
 
 
 TRACKS = {
-    "student": Track(str(ROOT / "configs" / "student-llama.json"), 32_000, 1024, (3e-3, 1e-2, 3e-2),
+    "student": Track(str(ROOT / "configs" / "student-llama.json"), 32_000, 1024, (1e-3, 3e-3, 1e-2, 3e-2),
                      ("self", "gemma", "mince", "avgce"), 2),
     "continual": Track("", 12_288, 512, (1e-5, 3e-5, 1e-4), ("mince",), 1),
 }
@@ -347,33 +347,40 @@ def table(name: str, res: dict[str, Any]) -> str:
 
 
 def plot(name: str, res: dict[str, Any], path: Path) -> None:
+    """Left: learning curves (held-out bits/byte against training tokens, mean over seeds, the
+    seed range shaded). Right: each arm's paired difference from clm at the end, with its 95% CI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for arm, e in res["arms"].items():
-        if arm == "untrained":
-            continue
-        steps = [p["step"] for p in e["curve"][0]]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    start = np.array(res["arms"]["untrained"]["bits_per_byte"])[:, None]  # [seeds, 1]
+    trained = [(arm, e) for arm, e in res["arms"].items() if arm != "untrained"]
+    for arm, e in trained:
         tokens = np.array([[p["tokens"] for p in c] for c in e["curve"]], dtype=float).mean(0)
         values = np.array([[p["bits_per_byte"] for p in c] for c in e["curve"]])  # [seeds, points]
-        start = np.array(res["arms"]["untrained"]["bits_per_byte"])[:, None]
-        if steps and steps[0] != 0:  # every run starts at its seed's untrained value
-            values, tokens = np.concatenate([start, values], 1), np.concatenate([[0], tokens])
-        style = "--" if "@" in arm else "-"
-        (line,) = ax.plot(tokens, values.mean(0), style, marker="o", ms=3, label=arm)
-        ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        values, tokens = np.concatenate([start, values], 1), np.concatenate([[0], tokens])  # every run starts untrained
+        (line,) = ax.plot(tokens, values.mean(0), "--" if "@" in arm else "-", marker="o", ms=3, label=arm)
+        ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.12)
+    ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out bits/byte (in-domain)")
-    ax.set_title(f"fusion experiment, {name} track (mean over seeds, shaded: seed range)")
-    lo = min(min(min(p["bits_per_byte"] for p in c) for c in e["curve"]) for a, e in res["arms"].items() if a != "untrained")
-    hi = max(max(c[0]["bits_per_byte"] for c in e["curve"]) for a, e in res["arms"].items() if a != "untrained")
-    ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6))
+    ax.set_ylabel("held-out bits/byte, in-domain (log scale)")
+    ax.set_title(f"{name} track: learning curves (mean over seeds, seed range shaded)", fontsize=10)
     ax.legend(ncol=2, fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    diffs = [(arm, e["diff_vs_clm"]) for arm, e in trained if "diff_vs_clm" in e]
+    y = np.arange(len(diffs))
+    means = np.array([d["mean"] for _, d in diffs])
+    err = np.array([[d["mean"] - d["ci95"][0], d["ci95"][1] - d["mean"]] for _, d in diffs]).T
+    dx.errorbar(means, y, xerr=err, fmt="o", capsize=3)
+    dx.axvline(0, color="grey", lw=1)
+    dx.set_yticks(y, [a for a, _ in diffs])
+    dx.invert_yaxis()
+    dx.set_xlabel("Δ bits/byte vs clm at the end (95% CI; < 0 is better)")
+    dx.set_title("paired difference from clm", fontsize=10)
+    dx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
