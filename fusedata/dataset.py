@@ -306,8 +306,10 @@ def refuse_input_inside(output: str | Path, inputs: list[str | Path]) -> None:
             raise UsageError(f"output folder {output} contains the input {p}; choose another folder")
 
 
-def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
-    """The manifest of a finished dataset, with clear errors for unfinished or damaged ones."""
+def open_dataset(path: str | Path, kind: str | None = None, verify: bool = True) -> Manifest:
+    """The manifest of a finished dataset, with clear errors for unfinished or damaged ones. With
+    `verify` (every reader's default; `--no-verify` turns it off) each shard must match the size and
+    sha256 the manifest lists: a damaged shard is refused by file name before any of it is read."""
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such dataset folder")
@@ -322,7 +324,23 @@ def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
     missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
     if missing:
         raise UsageError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:10])}")
+    if verify:
+        bad = _damaged(folder, manifest)
+        if bad:
+            raise UsageError(f"{folder / bad[0]}: damaged (its size or sha256 differs from {MANIFEST_NAME}"
+                             f"{f'; {len(bad) - 1} more shard(s) too' if len(bad) > 1 else ''}); "
+                             "recompute it (`fusedata run` repairs), or pass --no-verify to read it anyway")
     return manifest
+
+
+def _damaged(folder: Path, manifest: Manifest) -> list[str]:
+    """The shards of `manifest` whose file is missing or differs in size or sha256 from the listing."""
+    bad = []
+    for s in manifest.shards:
+        p = folder / s.name
+        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
+            bad.append(s.name)
+    return bad
 
 
 def verify_dataset(path: str | Path) -> list[str]:
@@ -335,12 +353,7 @@ def verify_dataset(path: str | Path) -> list[str]:
         manifest = Manifest.read(folder)
     except ValueError:
         return [MANIFEST_NAME]
-    bad = []
-    for s in manifest.shards:
-        p = folder / s.name
-        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
-            bad.append(s.name)
-    return bad
+    return _damaged(folder, manifest)
 
 
 def repair_dataset(path: str | Path, bad: list[str]) -> None:

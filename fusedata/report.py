@@ -28,9 +28,9 @@ def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
     return dict(sizes)
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     folder = Path(path)
-    manifest = open_dataset(folder)
+    manifest = open_dataset(folder, verify=verify)
     names = [s.name for s in manifest.shards]
     schema = pq.read_schema(folder / names[0]) if names else None
     try:
@@ -89,16 +89,16 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
+def plot(path: str | Path, out_dir: str | Path, verify: bool = True) -> list[Path]:
     """PNG charts of a dataset; returns the files written."""
     from fusedata.plots import pyplot, save_png
 
     plt = pyplot()
 
-    summary = summarize(path)
+    summary = summarize(path, verify=verify)
     folder, out = Path(path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = open_dataset(folder)
+    manifest = open_dataset(folder, verify=False)  # summarize verified it
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:

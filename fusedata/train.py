@@ -70,6 +70,9 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0
     init_config: str = ""  # a model config JSON: train a fresh model of it (seeded weights), tokenizer of `model`
+    # check each data shard against its manifest sha256 (--no-verify: False); not part of the run's identity.
+    # A pipeline sets it from its own `verify`, so it is no key of the [train] section.
+    verify: bool = field(default=True, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         checks = [
@@ -321,7 +324,7 @@ def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, 
 
     from fusedata.models.spec import load_model, load_tokenizer, resolve, tokenizer_hash
 
-    manifest = open_dataset(cfg.data)
+    manifest = open_dataset(cfg.data, verify=cfg.verify)
     if manifest.kind not in ("fused", "sft"):
         raise UsageError(f"{cfg.data}: is a '{manifest.kind}' dataset; expected a fused or sft dataset")
     sft = manifest.kind == "sft"
@@ -444,7 +447,7 @@ def _to_device(batch: Batch, device: str) -> Batch:
 def _config_identity(cfg: TrainConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed (not the output path)."""
     d = asdict(cfg)
-    for key in ("output", "save_every", "log_every", "threads", "device"):
+    for key in ("output", "save_every", "log_every", "threads", "device", "verify"):
         d.pop(key)
     return d
 

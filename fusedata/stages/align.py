@@ -47,6 +47,7 @@ class AlignJob:
     config: AlignConfig = field(default_factory=AlignConfig)
     overwrite: bool = False
     quiet: bool = False
+    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
 
 
@@ -71,8 +72,8 @@ class AlignStage(Stage):
 
     def __init__(self, job: AlignJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk")
-        self.source = open_dataset(job.source, "topk")
+        self.target = open_dataset(job.target, "topk", verify=job.verify)
+        self.source = open_dataset(job.source, "topk", verify=job.verify)
         if self.source.run.get("corpus_hash") != self.target.run.get("corpus_hash"):
             raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
         self.k, self.target_vocab = int(self.source.run["top_k"]), int(self.target.run["vocab_size"])

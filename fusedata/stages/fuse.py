@@ -61,6 +61,7 @@ class FuseJob:
     config: FuseConfig = field(default_factory=FuseConfig)
     overwrite: bool = False
     quiet: bool = False
+    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
 
 
@@ -72,8 +73,8 @@ class FuseStage(Stage):
 
     def __init__(self, job: FuseJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk")
-        self.sources = [open_dataset(a, "aligned") for a in job.aligned]
+        self.target = open_dataset(job.target, "topk", verify=job.verify)
+        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in job.aligned]
         for path, m in zip(job.aligned, self.sources, strict=True):
             check_same_target(self.target, job.target, m, path)
             if [s.name for s in m.shards] != [s.name for s in self.target.shards]:
