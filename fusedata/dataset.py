@@ -117,11 +117,18 @@ def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL,
-                       write_statistics=stat_columns(schema))
+                       write_statistics=stat_columns(schema), write_page_checksum=True)
         os.replace(tmp, path)
     except BaseException:  # an interrupted write leaves no partial file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _same_columns(got: pa.Schema, want: pa.Schema) -> bool:
+    """The same column names and types (a list's item may be named `element` after a Parquet round trip)."""
+    def norm(t: pa.DataType) -> pa.DataType:
+        return pa.list_(norm(t.value_type)) if pa.types.is_list(t) else t
+    return got.names == want.names and all(norm(g.type) == norm(w.type) for g, w in zip(got, want, strict=True))
 
 
 class DatasetDir:
@@ -135,6 +142,25 @@ class DatasetDir:
 
     def done_shards(self) -> set[str]:
         return {p.name for p in self.path.glob(SHARD_GLOB)} if self.path.is_dir() else set()
+
+    def sound_shards(self, schema: pa.Schema) -> tuple[set[str], list[str]]:
+        """The shards here that a resume may keep, and the names of the leftovers it deleted: a shard
+        written before a kill is kept only if it reads back whole as Parquet, every page matching its
+        CRC (shards are written with page checksums), with `schema`'s columns and types (an empty,
+        truncated or damaged file is removed, so the run recomputes it)."""
+        kept, dropped = set(), []
+        for name in sorted(self.done_shards()):
+            p = self.shard_path(name)
+            try:
+                ok = _same_columns(pq.read_table(p, page_checksum_verification=True).schema, schema)
+            except (OSError, ValueError, pa.ArrowException):
+                ok = False
+            if ok:
+                kept.add(name)
+            else:
+                p.unlink(missing_ok=True)
+                dropped.append(name)
+        return kept, dropped
 
     def is_complete(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
