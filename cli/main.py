@@ -51,7 +51,8 @@ executor_options = [
     click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
                  help="ray: embedded local Ray, or the cluster at --address; local: one process, in order."),
     click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help="Ray cluster address (or RAY_ADDRESS)."),
-    click.option("--workers", default=1, show_default=True, help="Ray actors, each loading the model once."),
+    click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Ray actors, each loading the model once."),
 ]
 
 

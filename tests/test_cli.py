@@ -144,7 +144,8 @@ def test_top_k_larger_than_vocab(tiny_llama, corpus_file, finished):
 
 
 @pytest.mark.parametrize(("option", "value"), [("--batch-tokens", "-1"), ("--vllm-batch-tokens", "-1"),
-                                               ("--vllm-kv-cache-gb", "0")])
+                                               ("--vllm-kv-cache-gb", "0"),
+                                               ("--workers", "0"), ("--workers", "-1")])
 def test_out_of_range_option_stops_before_anything_runs(tiny_llama, corpus_file, finished, option, value):
     before = _snapshot(finished)
     code, _, result = _extract(tiny_llama, corpus_file, finished, option, value)
