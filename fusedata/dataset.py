@@ -152,8 +152,8 @@ class DatasetDir:
         for name in sorted(self.done_shards()):
             p = self.shard_path(name)
             try:
-                ok = _same_columns(pq.read_table(p, page_checksum_verification=True).schema, schema)
-            except (OSError, ValueError, pa.ArrowException):
+                ok = _same_columns(read_shard(p).schema, schema)
+            except UsageError:
                 ok = False
             if ok:
                 kept.add(name)
@@ -367,6 +367,24 @@ def _damaged(folder: Path, manifest: Manifest) -> list[str]:
         if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
             bad.append(s.name)
     return bad
+
+
+def read_shard(path: str | Path, **kw: Any) -> pa.Table:
+    """A shard's table (`kw` as for `pq.read_table`), every page checked against its CRC: a file
+    that does not read back whole (truncated, not Parquet, a damaged page) is refused by name."""
+    return _named(path, lambda: pq.read_table(path, page_checksum_verification=True, **kw))
+
+
+def shard_metadata(path: str | Path) -> pq.FileMetaData:
+    """A shard's Parquet footer; a file without a readable one is refused by name."""
+    return _named(path, lambda: pq.read_metadata(path))
+
+
+def _named(path: str | Path, read: Any) -> Any:
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: damaged or not a readable shard ({exc}); recompute it") from None
 
 
 def verify_dataset(path: str | Path) -> list[str]:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fusedata.codec import codec_from_schema, decode_topk
-from fusedata.dataset import open_dataset
+from fusedata.dataset import open_dataset, read_shard, shard_metadata
 from fusedata.errors import UsageError
 from schemas.common import k_of
 
@@ -19,7 +18,7 @@ def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
     """Compressed bytes per top-level column, summed over shards (from Parquet metadata)."""
     sizes: dict[str, int] = defaultdict(int)
     for name in shard_names:
-        meta = pq.read_metadata(folder / name)
+        meta = shard_metadata(folder / name)
         for rg in range(meta.num_row_groups):
             group = meta.row_group(rg)
             for c in range(group.num_columns):
@@ -32,7 +31,7 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     folder = Path(path)
     manifest = open_dataset(folder, verify=verify)
     names = [s.name for s in manifest.shards]
-    schema = pq.read_schema(folder / names[0]) if names else None
+    schema = shard_metadata(folder / names[0]).schema.to_arrow_schema() if names else None
     try:
         k = k_of(schema) if schema is not None else None
     except ValueError as exc:
@@ -115,7 +114,7 @@ def plot(path: str | Path, out_dir: str | Path, verify: bool = True) -> list[Pat
 
     entropies, ces = [], []
     for shard in manifest.shards:
-        table = pq.read_table(folder / shard.name)
+        table = read_shard(folder / shard.name)
         topk = decode_topk(table, shard.name)
         p = np.exp(topk.logprobs.astype(np.float64))  # [N, k]
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import click
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -303,16 +304,21 @@ def _flip_byte(shard: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
-def test_every_reader_verifies_the_shards_it_reads(tiny_llama, spine, tmp_path):
-    """inspect, align, fuse and train check each input shard against its manifest sha256 and refuse a
-    damaged one by file name; --no-verify reads it as before."""
-    topk = _copy_dataset(spine / "topk/llama", tmp_path / "topk")
-    aligned = _copy_dataset(spine / "aligned/gemma", tmp_path / "aligned")
-    fused = _copy_dataset(spine / "fused", tmp_path / "fused")
-    for folder in (topk, aligned, fused):
-        _flip_byte(folder / "shard-00001.parquet")
+def _damaged_copies(spine: Path, tmp_path: Path, damage) -> tuple[Path, Path, Path]:
+    """Copies of topk/llama, aligned/gemma and fused with `damage` done to each one's shard-00001."""
+    copies = (_copy_dataset(spine / "topk/llama", tmp_path / "topk"),
+              _copy_dataset(spine / "aligned/gemma", tmp_path / "aligned"),
+              _copy_dataset(spine / "fused", tmp_path / "fused"))
+    for folder in copies:
+        damage(folder / "shard-00001.parquet")
+    return copies
+
+
+def _reading_commands(spine: Path, tiny_llama: Path, tmp_path: Path, topk: Path, aligned: Path,
+                      fused: Path) -> dict[str, tuple[list[str], Path]]:
+    """Each command that reads a dataset: (its arguments, the damaged folder it reads)."""
     local = ["--executor", "local", "--quiet"]
-    commands = {
+    return {
         "inspect": (["inspect", str(topk)], topk),
         "inspect --plot": (["inspect", str(fused), "--plot", str(tmp_path / "plots")], fused),
         "align": (["align", "--target", str(topk), "--source", str(spine / "topk/gemma"), "--output",
@@ -322,6 +328,13 @@ def test_every_reader_verifies_the_shards_it_reads(tiny_llama, spine, tmp_path):
         "train": (["train", "--data", str(fused), "--model", str(tiny_llama), "--output", str(tmp_path / "ckpt"),
                    "--max-steps", "1"], fused),
     }
+
+
+def test_every_reader_verifies_the_shards_it_reads(tiny_llama, spine, tmp_path):
+    """inspect, align, fuse and train check each input shard against its manifest sha256 and refuse a
+    damaged one by file name; --no-verify reads it as before."""
+    topk, aligned, fused = _damaged_copies(spine, tmp_path, _flip_byte)
+    commands = _reading_commands(spine, tiny_llama, tmp_path, topk, aligned, fused)
     for name, (args, folder) in commands.items():
         result = CliRunner().invoke(main, args)
         _assert_usage_error(result.exit_code, result.stderr, result,
@@ -336,3 +349,32 @@ def test_every_reader_verifies_the_shards_it_reads(tiny_llama, spine, tmp_path):
         assert result.exit_code == 0, (name, result.stderr, result.exception)
     for s in Manifest.read(spine / "fused").shards:  # fuse read the rewritten shard as the original
         assert pq.read_table(tmp_path / "out-fuse" / s.name).equals(pq.read_table(spine / "fused" / s.name))
+
+
+def _truncated(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def test_unreadable_shard_is_one_error_line_naming_it(tiny_llama, spine, tmp_path):
+    """With --no-verify, a truncated shard still stops every reader with one error line naming it."""
+    commands = _reading_commands(spine, tiny_llama, tmp_path, *_damaged_copies(spine, tmp_path, _truncated))
+    for args, folder in commands.values():
+        result = CliRunner().invoke(main, [*args, "--no-verify"])
+        _assert_usage_error(result.exit_code, result.stderr, result,
+                            re.escape(str(folder / "shard-00001.parquet")) + ": damaged or not a readable shard")
+
+
+def test_train_refuses_a_label_outside_the_vocabulary(tiny_llama, spine, tmp_path):
+    fused = _copy_dataset(spine / "fused", tmp_path / "fused")
+    for shard in sorted(fused.glob("shard-*.parquet")):
+        table = pq.read_table(shard)
+        labels = table.column("labels").to_pylist()
+        labels[0][0] = 10**6
+        table = table.set_column(table.schema.get_field_index("labels"), "labels",
+                                 pa.array(labels, table.schema.field("labels").type))
+        pq.write_table(table, shard)
+    result = CliRunner().invoke(main, ["train", "--data", str(fused), "--model", str(tiny_llama), "--output",
+                                       str(tmp_path / "ckpt"), "--max-steps", "1", "--warmup-steps", "0",
+                                       "--no-verify"])
+    _assert_usage_error(result.exit_code, result.stderr, result,
+                        r"fused/shard-\d{5}\.parquet: column 'labels' holds token ids outside the vocabulary")

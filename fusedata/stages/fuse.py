@@ -22,6 +22,7 @@ from fusedata.dataset import (
     DatasetDir,
     check_same_target,
     open_dataset,
+    read_shard,
     run_digest,
     table_tokens,
     target_identity,
@@ -117,8 +118,8 @@ class FuseStage(Stage):
         return [Task(s.name) for s in self.target.shards]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        target = pq.read_table(Path(self.job.target) / task.name)
-        aligned = [pq.read_table(Path(d) / task.name) for d in self.job.aligned]
+        target = read_shard(Path(self.job.target) / task.name)
+        aligned = [read_shard(Path(d) / task.name) for d in self.job.aligned]
         out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.schema)
         if on_tokens is not None:
             on_tokens(table_tokens(out))
