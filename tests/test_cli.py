@@ -378,3 +378,14 @@ def test_train_refuses_a_label_outside_the_vocabulary(tiny_llama, spine, tmp_pat
                                        "--no-verify"])
     _assert_usage_error(result.exit_code, result.stderr, result,
                         r"fused/shard-\d{5}\.parquet: column 'labels' holds token ids outside the vocabulary")
+
+
+def test_eval_refuses_when_there_is_nothing_to_score(tiny_llama, tmp_path):
+    """No data and no tasks is a usage error, and so is held-out data with no token to predict (a
+    one-token document), instead of a table of zeros."""
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--tasks", ""])
+    _assert_usage_error(result.exit_code, result.stderr, result, r"nothing to evaluate")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a"}) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--data", str(one), "--tasks", ""])
+    _assert_usage_error(result.exit_code, result.stderr, result, rf"{re.escape(str(one))}: nothing to score")
