@@ -57,6 +57,7 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
         "topk_bytes_per_token": topk_bytes / max(positions, 1),
         "column_bytes": sizes,
         "model": manifest.run.get("model") or manifest.run.get("source", {}).get("model"),
+        "method": (manifest.run.get("fuse") or {}).get("method"),
         "stats": manifest.stats,
         "fusedata_version": manifest.fusedata_version,
     }
@@ -64,10 +65,11 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 def render(summary: dict[str, Any]) -> str:
     """A short human report."""
+    # an aligned dataset stores no token ids of its own: its size is the target positions it covers
+    tokens = f"tokens {summary['tokens']:,}   " if summary["kind"] != "aligned" else ""
     lines = [
         f"{summary['path']}: {summary['kind']} dataset ({summary['model']})",
-        f"  rows {summary['rows']:,}   tokens {summary['tokens']:,}   positions {summary['positions']:,}   "
-        f"shards {summary['shards']}",
+        f"  rows {summary['rows']:,}   {tokens}positions {summary['positions']:,}   shards {summary['shards']}",
         f"  k {summary['k']}   codec {summary['codec']['name']} v{summary['codec']['version']}",
         f"  size {summary['total_bytes'] / 1e6:.2f} MB   {summary['bytes_per_token']:.2f} bytes/token "
         f"(top-k columns {summary['topk_bytes_per_token']:.2f})",
@@ -81,7 +83,9 @@ def render(summary: dict[str, Any]) -> str:
     if summary["kind"] == "fused" and "candidates" in stats:
         for c, w, s, ce in zip(stats["candidates"], stats["winning_share"], stats["mean_weights"],
                                stats["mean_candidate_ce"], strict=True):
-            lines.append(f"  candidate {c}: wins {w:.1%} of positions, mean weight {s:.3f}, mean CE {ce:.3f}")
+            # AvgCE mixes every candidate by weight and has no winner: its weights are the figure
+            wins = f"wins {w:.1%} of positions, " if summary.get("method") != "avgce" else ""
+            lines.append(f"  candidate {c}: {wins}mean weight {s:.3f}, mean CE {ce:.3f}")
     biggest = sorted(summary["column_bytes"].items(), key=lambda kv: -kv[1])[:6]
     per_tok = ", ".join(f"{k} {v / max(summary['positions'], 1):.2f}" for k, v in biggest)
     lines.append(f"  bytes/token by column: {per_tok}")
