@@ -51,8 +51,14 @@ executor_options = [
     click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
                  help="ray: embedded local Ray, or the cluster at --address; local: one process, in order."),
     click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"), help="Ray cluster address (or RAY_ADDRESS)."),
-    click.option("--workers", default=1, show_default=True, help="Ray actors, each loading the model once."),
+    click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Ray actors, each loading the model once."),
 ]
+
+
+verify_option = click.option(
+    "--verify/--no-verify", default=True, show_default=True,
+    help="Check every input shard against the sha256 in its manifest first; a damaged shard is refused by name.")
 
 
 def config_field(cls: type, name: str):
@@ -157,8 +163,10 @@ def demo_corpus(output, per_domain, max_chars, skip):
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts into this folder.")
-def inspect_cmd(path, as_json, plot_dir):
+@verify_option
+def inspect_cmd(path, as_json, plot_dir, verify):
     """Summarise any fusedata dataset folder (topk, aligned, fused) or an explore folder."""
+    import functools
     import json
 
     from fusedata.explore.report import is_explore_dir
@@ -172,8 +180,9 @@ def inspect_cmd(path, as_json, plot_dir):
     else:
         from fusedata.report import plot, render, summarize
 
-        summary = summarize(path)
+        summary = summarize(path, verify=verify)
         click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+        plot = functools.partial(plot, verify=False)  # summarize has verified it
     if plot_dir:
         for f in plot(path, plot_dir):
             click.echo(f"wrote {f}", err=True)
@@ -197,16 +206,17 @@ def inspect_cmd(path, as_json, plot_dir):
 @click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
+@verify_option
 @with_executor
 def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, no_target, overwrite, quiet,
-         executor, address, workers):
+         verify, executor, address, workers):
     """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
     from fusedata.codec import DEFAULT_CODEC
     from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
     config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
                         codec=codec or DEFAULT_CODEC, include_target=not no_target)
-    job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet,
+    job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet, verify=verify,
                   log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 
@@ -244,6 +254,7 @@ def _train_default(name: str):
 @click.option("--threads", default=_train_default("threads"))
 @click.option("--init-config", default=_train_default("init_config"), type=click.Path(dir_okay=False),
               help="Train a fresh model of this config JSON (e.g. a small student) with --model's tokenizer.")
+@verify_option
 def train(data, model, output, **options):
     """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k.
 
@@ -272,14 +283,16 @@ def train(data, model, output, **options):
 @click.option("--cache-dir", default=_default("align", "cache_dir"), help="Where vocabulary maps are cached (default: beside the model cache).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
+@verify_option
 @with_executor
-def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, quiet, executor, address, workers):
+def align(target, source, output, vocab, sequence, codec, cache_dir, overwrite, quiet, verify, executor, address,
+          workers):
     """Express a source model's distributions on the target's positions and vocabulary."""
     from fusedata.codec import DEFAULT_CODEC
     from fusedata.stages.align import AlignConfig, AlignJob, run_align
 
     config = AlignConfig(vocab=vocab, sequence=sequence, codec=codec or DEFAULT_CODEC, cache_dir=cache_dir)
-    job = AlignJob(target, source, output, config, overwrite=overwrite, quiet=quiet,
+    job = AlignJob(target, source, output, config, overwrite=overwrite, quiet=quiet, verify=verify,
                    log=lambda m: click.echo(m, err=True))
     run_align(job, _executor(executor, address, workers))
 

@@ -29,7 +29,7 @@ def pipeline_executor(pipe, executor: str | None, address: str | None, workers: 
 @click.option("--executor", type=click.Choice(["ray", "local"]), default=None,
               help="Override [pipeline] executor (ray: embedded local Ray or --address; local: one process).")
 @click.option("--address", default=None, help="Ray cluster address (overrides [pipeline] address; else RAY_ADDRESS).")
-@click.option("--workers", type=int, default=None, help="Ray actors per stage (overrides [pipeline] workers).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray actors per stage (overrides [pipeline] workers).")
 @click.option("--no-verify", is_flag=True, help="Do not check finished shards against their manifest checksums.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary of the steps at the end.")
 def run(pipeline, executor, address, workers, no_verify, as_json):

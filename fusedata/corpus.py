@@ -82,6 +82,9 @@ def _read_jsonl(path: Path, name: str, text_field: str, id_field: str, skip_bad:
             if len(stats.bad_examples) < 5:
                 stats.bad_examples.append(where)
             continue
+        if id_field in record and record[id_field] is None:
+            raise UsageError(f"{path}:{lineno}: the document id field '{id_field}' is null; give every record an id "
+                             "(or leave the field out: ids are then file:line)")
         doc_id = str(record[id_field]) if id_field in record else f"{name}:{lineno}"
         yield doc_id, text
 
@@ -94,9 +97,28 @@ def _read_parquet(path: Path, name: str, text_field: str, id_field: str):
     if text_field not in pf.schema_arrow.names:
         raise UsageError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
     has_id = id_field in pf.schema_arrow.names
-    table = pf.read(columns=[text_field] + ([id_field] if has_id else []))
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise UsageError(f"{path}: column '{text_field}' holds {kind}, not text (use --text-field)")
+    try:
+        table = pf.read(columns=[text_field] + ([id_field] if has_id else []))
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
     texts = table.column(text_field).to_pylist()
-    ids = [str(v) for v in table.column(id_field).to_pylist()] if has_id else [f"{name}:{i}" for i in range(len(texts))]
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        for row, value in enumerate(texts):
+            try:
+                texts[row] = None if value is None else value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}: row {row}: column '{text_field}' is not valid UTF-8 at byte {exc.start}") from None
+    ids = [f"{name}:{i}" for i in range(len(texts))]
+    if has_id:
+        raw = table.column(id_field).to_pylist()
+        if None in raw:
+            raise UsageError(f"{path}: row {raw.index(None)}: the document id column '{id_field}' is null; "
+                             "give every row an id")
+        ids = [str(v) for v in raw]
     yield from zip(ids, texts, strict=True)
 
 

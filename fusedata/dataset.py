@@ -117,11 +117,18 @@ def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL,
-                       write_statistics=stat_columns(schema))
+                       write_statistics=stat_columns(schema), write_page_checksum=True)
         os.replace(tmp, path)
     except BaseException:  # an interrupted write leaves no partial file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _same_columns(got: pa.Schema, want: pa.Schema) -> bool:
+    """The same column names and types (a list's item may be named `element` after a Parquet round trip)."""
+    def norm(t: pa.DataType) -> pa.DataType:
+        return pa.list_(norm(t.value_type)) if pa.types.is_list(t) else t
+    return got.names == want.names and all(norm(g.type) == norm(w.type) for g, w in zip(got, want, strict=True))
 
 
 class DatasetDir:
@@ -135,6 +142,25 @@ class DatasetDir:
 
     def done_shards(self) -> set[str]:
         return {p.name for p in self.path.glob(SHARD_GLOB)} if self.path.is_dir() else set()
+
+    def sound_shards(self, schema: pa.Schema) -> tuple[set[str], list[str]]:
+        """The shards here that a resume may keep, and the names of the leftovers it deleted: a shard
+        written before a kill is kept only if it reads back whole as Parquet, every page matching its
+        CRC (shards are written with page checksums), with `schema`'s columns and types (an empty,
+        truncated or damaged file is removed, so the run recomputes it)."""
+        kept, dropped = set(), []
+        for name in sorted(self.done_shards()):
+            p = self.shard_path(name)
+            try:
+                ok = _same_columns(read_shard(p).schema, schema)
+            except UsageError:
+                ok = False
+            if ok:
+                kept.add(name)
+            else:
+                p.unlink(missing_ok=True)
+                dropped.append(name)
+        return kept, dropped
 
     def is_complete(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
@@ -306,8 +332,10 @@ def refuse_input_inside(output: str | Path, inputs: list[str | Path]) -> None:
             raise UsageError(f"output folder {output} contains the input {p}; choose another folder")
 
 
-def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
-    """The manifest of a finished dataset, with clear errors for unfinished or damaged ones."""
+def open_dataset(path: str | Path, kind: str | None = None, verify: bool = True) -> Manifest:
+    """The manifest of a finished dataset, with clear errors for unfinished or damaged ones. With
+    `verify` (every reader's default; `--no-verify` turns it off) each shard must match the size and
+    sha256 the manifest lists: a damaged shard is refused by file name before any of it is read."""
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such dataset folder")
@@ -322,7 +350,41 @@ def open_dataset(path: str | Path, kind: str | None = None) -> Manifest:
     missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
     if missing:
         raise UsageError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:10])}")
+    if verify:
+        bad = _damaged(folder, manifest)
+        if bad:
+            raise UsageError(f"{folder / bad[0]}: damaged (its size or sha256 differs from {MANIFEST_NAME}"
+                             f"{f'; {len(bad) - 1} more shard(s) too' if len(bad) > 1 else ''}); "
+                             "recompute it (`fusedata run` repairs), or pass --no-verify to read it anyway")
     return manifest
+
+
+def _damaged(folder: Path, manifest: Manifest) -> list[str]:
+    """The shards of `manifest` whose file is missing or differs in size or sha256 from the listing."""
+    bad = []
+    for s in manifest.shards:
+        p = folder / s.name
+        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
+            bad.append(s.name)
+    return bad
+
+
+def read_shard(path: str | Path, **kw: Any) -> pa.Table:
+    """A shard's table (`kw` as for `pq.read_table`), every page checked against its CRC: a file
+    that does not read back whole (truncated, not Parquet, a damaged page) is refused by name."""
+    return _named(path, lambda: pq.read_table(path, page_checksum_verification=True, **kw))
+
+
+def shard_metadata(path: str | Path) -> pq.FileMetaData:
+    """A shard's Parquet footer; a file without a readable one is refused by name."""
+    return _named(path, lambda: pq.read_metadata(path))
+
+
+def _named(path: str | Path, read: Any) -> Any:
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: damaged or not a readable shard ({exc}); recompute it") from None
 
 
 def verify_dataset(path: str | Path) -> list[str]:
@@ -335,12 +397,7 @@ def verify_dataset(path: str | Path) -> list[str]:
         manifest = Manifest.read(folder)
     except ValueError:
         return [MANIFEST_NAME]
-    bad = []
-    for s in manifest.shards:
-        p = folder / s.name
-        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
-            bad.append(s.name)
-    return bad
+    return _damaged(folder, manifest)
 
 
 def repair_dataset(path: str | Path, bad: list[str]) -> None:

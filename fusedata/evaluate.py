@@ -89,6 +89,8 @@ def heldout(model_spec: str, inputs: list[str], max_length: int = 1024) -> dict[
     nbytes = int(predicted_bytes(table.column("token_start").combine_chunks(),
                                  table.column("token_end").combine_chunks()).sum())
     positions = int(n.sum())
+    if positions == 0:  # a figure over no positions would read as a perfect 0 bits/byte
+        raise UsageError(f"{', '.join(inputs)}: nothing to score: no document has a second token to predict")
     return {"tokens": positions, "bytes": nbytes, "ce_per_token": nll / max(positions, 1),
             "perplexity": math.exp(nll / max(positions, 1)), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
 
@@ -183,6 +185,8 @@ def multiple_choice(model_spec: str, tasks: list[str], limit: int) -> dict[str, 
 
 
 def evaluate(model_spec: str, inputs: list[str], tasks: list[str], limit: int, max_length: int = 1024) -> dict[str, Any]:
+    if not inputs and not tasks:
+        raise UsageError("nothing to evaluate: give held-out documents (--data) or multiple-choice tasks (--tasks)")
     result: dict[str, Any] = {"model": model_spec}
     if inputs:
         result["heldout"] = heldout(model_spec, inputs, max_length)

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fusedata.codec import codec_from_schema, decode_topk
-from fusedata.dataset import open_dataset
+from fusedata.dataset import open_dataset, read_shard, shard_metadata
 from fusedata.errors import UsageError
 from schemas.common import k_of
 
@@ -19,7 +18,7 @@ def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
     """Compressed bytes per top-level column, summed over shards (from Parquet metadata)."""
     sizes: dict[str, int] = defaultdict(int)
     for name in shard_names:
-        meta = pq.read_metadata(folder / name)
+        meta = shard_metadata(folder / name)
         for rg in range(meta.num_row_groups):
             group = meta.row_group(rg)
             for c in range(group.num_columns):
@@ -28,11 +27,11 @@ def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
     return dict(sizes)
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     folder = Path(path)
-    manifest = open_dataset(folder)
+    manifest = open_dataset(folder, verify=verify)
     names = [s.name for s in manifest.shards]
-    schema = pq.read_schema(folder / names[0]) if names else None
+    schema = shard_metadata(folder / names[0]).schema.to_arrow_schema() if names else None
     try:
         k = k_of(schema) if schema is not None else None
     except ValueError as exc:
@@ -58,6 +57,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "topk_bytes_per_token": topk_bytes / max(positions, 1),
         "column_bytes": sizes,
         "model": manifest.run.get("model") or manifest.run.get("source", {}).get("model"),
+        "method": (manifest.run.get("fuse") or {}).get("method"),
         "stats": manifest.stats,
         "fusedata_version": manifest.fusedata_version,
     }
@@ -65,10 +65,11 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 def render(summary: dict[str, Any]) -> str:
     """A short human report."""
+    # an aligned dataset stores no token ids of its own: its size is the target positions it covers
+    tokens = f"tokens {summary['tokens']:,}   " if summary["kind"] != "aligned" else ""
     lines = [
         f"{summary['path']}: {summary['kind']} dataset ({summary['model']})",
-        f"  rows {summary['rows']:,}   tokens {summary['tokens']:,}   positions {summary['positions']:,}   "
-        f"shards {summary['shards']}",
+        f"  rows {summary['rows']:,}   {tokens}positions {summary['positions']:,}   shards {summary['shards']}",
         f"  k {summary['k']}   codec {summary['codec']['name']} v{summary['codec']['version']}",
         f"  size {summary['total_bytes'] / 1e6:.2f} MB   {summary['bytes_per_token']:.2f} bytes/token "
         f"(top-k columns {summary['topk_bytes_per_token']:.2f})",
@@ -82,23 +83,25 @@ def render(summary: dict[str, Any]) -> str:
     if summary["kind"] == "fused" and "candidates" in stats:
         for c, w, s, ce in zip(stats["candidates"], stats["winning_share"], stats["mean_weights"],
                                stats["mean_candidate_ce"], strict=True):
-            lines.append(f"  candidate {c}: wins {w:.1%} of positions, mean weight {s:.3f}, mean CE {ce:.3f}")
+            # AvgCE mixes every candidate by weight and has no winner: its weights are the figure
+            wins = f"wins {w:.1%} of positions, " if summary.get("method") != "avgce" else ""
+            lines.append(f"  candidate {c}: {wins}mean weight {s:.3f}, mean CE {ce:.3f}")
     biggest = sorted(summary["column_bytes"].items(), key=lambda kv: -kv[1])[:6]
     per_tok = ", ".join(f"{k} {v / max(summary['positions'], 1):.2f}" for k, v in biggest)
     lines.append(f"  bytes/token by column: {per_tok}")
     return "\n".join(lines)
 
 
-def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
+def plot(path: str | Path, out_dir: str | Path, verify: bool = True) -> list[Path]:
     """PNG charts of a dataset; returns the files written."""
     from fusedata.plots import pyplot, save_png
 
     plt = pyplot()
 
-    summary = summarize(path)
+    summary = summarize(path, verify=verify)
     folder, out = Path(path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = open_dataset(folder)
+    manifest = open_dataset(folder, verify=False)  # summarize verified it
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
@@ -115,7 +118,7 @@ def plot(path: str | Path, out_dir: str | Path) -> list[Path]:
 
     entropies, ces = [], []
     for shard in manifest.shards:
-        table = pq.read_table(folder / shard.name)
+        table = read_shard(folder / shard.name)
         topk = decode_topk(table, shard.name)
         p = np.exp(topk.logprobs.astype(np.float64))  # [N, k]
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from fusedata.codec import decode_topk
-from fusedata.dataset import atomic_write_text, open_dataset
+from fusedata.dataset import atomic_write_text, open_dataset, read_shard
 from fusedata.errors import OptionError, UsageError
 from fusedata.topk import PAD_ID
+from schemas.manifest import Manifest
 
 STATE_NAME = "trainer_state.json"
 
@@ -70,6 +71,9 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0
     init_config: str = ""  # a model config JSON: train a fresh model of it (seeded weights), tokenizer of `model`
+    # check each data shard against its manifest sha256 (--no-verify: False); not part of the run's identity.
+    # A pipeline sets it from its own `verify`, so it is no key of the [train] section.
+    verify: bool = field(default=True, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,7 +113,17 @@ class Batch:
 
 def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, Any]]:
     """The windows of one fused shard: input_ids, labels, and the sparse target."""
-    table = pq.read_table(Path(data_dir) / shard)
+    path = Path(data_dir) / shard
+    table = read_shard(path)
+    vocab = Manifest.read(data_dir).run.get("vocab_size")
+    for column in ("input_ids", "labels"):
+        values = pc.list_flatten(table.column(column))
+        lo, hi = pc.min_max(values).values() if len(values) else (None, None)
+        # labels may hold -100 (ignored positions); any other id must be in the target's vocabulary
+        ok_lo = lo is None or lo.as_py() >= (-100 if column == "labels" else 0)
+        if not ok_lo or (vocab and hi is not None and hi.as_py() >= int(vocab)):
+            raise UsageError(f"{path}: column '{column}' holds token ids outside the vocabulary "
+                             f"(0..{int(vocab) - 1 if vocab else '?'}): {lo}..{hi}; the shard is damaged")
     topk = decode_topk(table, shard) if need_topk else None
     off = topk.offsets() if topk is not None else None
     rows = []
@@ -138,7 +152,7 @@ def sft_rows(data_dir: str, shard: str, tokenizer: Any, max_length: int) -> list
     """The pairs of one sft shard as windows: input_ids, and labels (length n-1 as in fused rows)
     that are -100 except where the next token is a response token. A pair whose response does
     not fit in `max_length` is dropped (it has nothing to learn)."""
-    table = pq.read_table(Path(data_dir) / shard, columns=["prompt", "response"])
+    table = read_shard(Path(data_dir) / shard, columns=["prompt", "response"])
     responses = table.column("response").to_pylist()
     texts = [sft_text(tokenizer, p, r) for p, r in zip(table.column("prompt").to_pylist(), responses, strict=True)]
     if not texts:
@@ -185,7 +199,7 @@ class ShardSource:
         """Window lengths; a fused shard not in memory is planned from its input_ids column alone."""
         if self.kind == "sft" or (self._last is not None and self._last[0] == shard):
             return [len(r["input_ids"]) for r in self.rows(shard)]
-        col = pq.read_table(Path(self.data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
+        col = read_shard(Path(self.data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
         return col.value_lengths().to_numpy(zero_copy_only=False).tolist()
 
 
@@ -321,7 +335,7 @@ def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, 
 
     from fusedata.models.spec import load_model, load_tokenizer, resolve, tokenizer_hash
 
-    manifest = open_dataset(cfg.data)
+    manifest = open_dataset(cfg.data, verify=cfg.verify)
     if manifest.kind not in ("fused", "sft"):
         raise UsageError(f"{cfg.data}: is a '{manifest.kind}' dataset; expected a fused or sft dataset")
     sft = manifest.kind == "sft"
@@ -444,7 +458,7 @@ def _to_device(batch: Batch, device: str) -> Batch:
 def _config_identity(cfg: TrainConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed (not the output path)."""
     d = asdict(cfg)
-    for key in ("output", "save_every", "log_every", "threads", "device"):
+    for key in ("output", "save_every", "log_every", "threads", "device", "verify"):
         d.pop(key)
     return d
 

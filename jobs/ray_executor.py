@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from fusedata.dataset import DatasetDir
+from fusedata.errors import UsageError
 from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_shard
 from jobs.embedded_ray import LOOPBACK, start_local_ray
 
@@ -98,6 +99,8 @@ class RayExecutor:
     `resources` (cpus_per_worker, when given, replaces the stage's CPU figure)."""
 
     def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None) -> None:
+        if workers < 1:
+            raise UsageError(f"--workers: must be at least 1, got {workers}")
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker

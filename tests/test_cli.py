@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import click
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -144,7 +145,8 @@ def test_top_k_larger_than_vocab(tiny_llama, corpus_file, finished):
 
 
 @pytest.mark.parametrize(("option", "value"), [("--batch-tokens", "-1"), ("--vllm-batch-tokens", "-1"),
-                                               ("--vllm-kv-cache-gb", "0")])
+                                               ("--vllm-kv-cache-gb", "0"),
+                                               ("--workers", "0"), ("--workers", "-1")])
 def test_out_of_range_option_stops_before_anything_runs(tiny_llama, corpus_file, finished, option, value):
     before = _snapshot(finished)
     code, _, result = _extract(tiny_llama, corpus_file, finished, option, value)
@@ -287,3 +289,103 @@ def test_cli_options_are_the_config_fields(command, config, skip, renamed):
             default = param.get_default(click.Context(main.commands[command]))
             assert default == f.default, f"{command} --{f.name}: {param.default!r} != {f.default!r}"
     assert "no_target" in params if command == "fuse" else True
+
+
+def _rewritten(shard: Path) -> None:
+    """The same table written again with another compression: other bytes (the sha256 differs), the
+    same data, so a reader that skips the check gives the same result as on the original."""
+    table = pq.read_table(shard)
+    pq.write_table(table, shard, compression="snappy")
+
+
+def _flip_byte(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _damaged_copies(spine: Path, tmp_path: Path, damage) -> tuple[Path, Path, Path]:
+    """Copies of topk/llama, aligned/gemma and fused with `damage` done to each one's shard-00001."""
+    copies = (_copy_dataset(spine / "topk/llama", tmp_path / "topk"),
+              _copy_dataset(spine / "aligned/gemma", tmp_path / "aligned"),
+              _copy_dataset(spine / "fused", tmp_path / "fused"))
+    for folder in copies:
+        damage(folder / "shard-00001.parquet")
+    return copies
+
+
+def _reading_commands(spine: Path, tiny_llama: Path, tmp_path: Path, topk: Path, aligned: Path,
+                      fused: Path) -> dict[str, tuple[list[str], Path]]:
+    """Each command that reads a dataset: (its arguments, the damaged folder it reads)."""
+    local = ["--executor", "local", "--quiet"]
+    return {
+        "inspect": (["inspect", str(topk)], topk),
+        "inspect --plot": (["inspect", str(fused), "--plot", str(tmp_path / "plots")], fused),
+        "align": (["align", "--target", str(topk), "--source", str(spine / "topk/gemma"), "--output",
+                   str(tmp_path / "out-align"), "--cache-dir", str(spine / "vocab"), *local], topk),
+        "fuse": (["fuse", "--target", str(spine / "topk/llama"), "--aligned", str(aligned), "--output",
+                  str(tmp_path / "out-fuse"), *local], aligned),
+        "train": (["train", "--data", str(fused), "--model", str(tiny_llama), "--output", str(tmp_path / "ckpt"),
+                   "--max-steps", "1"], fused),
+    }
+
+
+def test_every_reader_verifies_the_shards_it_reads(tiny_llama, spine, tmp_path):
+    """inspect, align, fuse and train check each input shard against its manifest sha256 and refuse a
+    damaged one by file name; --no-verify reads it as before."""
+    topk, aligned, fused = _damaged_copies(spine, tmp_path, _flip_byte)
+    commands = _reading_commands(spine, tiny_llama, tmp_path, topk, aligned, fused)
+    for name, (args, folder) in commands.items():
+        result = CliRunner().invoke(main, args)
+        _assert_usage_error(result.exit_code, result.stderr, result,
+                            re.escape(str(folder / "shard-00001.parquet")) + ": damaged")
+        assert not (tmp_path / "out-align").exists() and not (tmp_path / "out-fuse").exists(), name
+
+    for folder, src in ((topk, spine / "topk/llama"), (aligned, spine / "aligned/gemma"), (fused, spine / "fused")):
+        (folder / "shard-00001.parquet").write_bytes((src / "shard-00001.parquet").read_bytes())
+        _rewritten(folder / "shard-00001.parquet")
+    for name, (args, _) in commands.items():
+        result = CliRunner().invoke(main, [*args, "--no-verify"])
+        assert result.exit_code == 0, (name, result.stderr, result.exception)
+    for s in Manifest.read(spine / "fused").shards:  # fuse read the rewritten shard as the original
+        assert pq.read_table(tmp_path / "out-fuse" / s.name).equals(pq.read_table(spine / "fused" / s.name))
+
+
+def _truncated(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def test_unreadable_shard_is_one_error_line_naming_it(tiny_llama, spine, tmp_path):
+    """With --no-verify, a truncated shard still stops every reader with one error line naming it."""
+    commands = _reading_commands(spine, tiny_llama, tmp_path, *_damaged_copies(spine, tmp_path, _truncated))
+    for args, folder in commands.values():
+        result = CliRunner().invoke(main, [*args, "--no-verify"])
+        _assert_usage_error(result.exit_code, result.stderr, result,
+                            re.escape(str(folder / "shard-00001.parquet")) + ": damaged or not a readable shard")
+
+
+def test_train_refuses_a_label_outside_the_vocabulary(tiny_llama, spine, tmp_path):
+    fused = _copy_dataset(spine / "fused", tmp_path / "fused")
+    for shard in sorted(fused.glob("shard-*.parquet")):
+        table = pq.read_table(shard)
+        labels = table.column("labels").to_pylist()
+        labels[0][0] = 10**6
+        table = table.set_column(table.schema.get_field_index("labels"), "labels",
+                                 pa.array(labels, table.schema.field("labels").type))
+        pq.write_table(table, shard)
+    result = CliRunner().invoke(main, ["train", "--data", str(fused), "--model", str(tiny_llama), "--output",
+                                       str(tmp_path / "ckpt"), "--max-steps", "1", "--warmup-steps", "0",
+                                       "--no-verify"])
+    _assert_usage_error(result.exit_code, result.stderr, result,
+                        r"fused/shard-\d{5}\.parquet: column 'labels' holds token ids outside the vocabulary")
+
+
+def test_eval_refuses_when_there_is_nothing_to_score(tiny_llama, tmp_path):
+    """No data and no tasks is a usage error, and so is held-out data with no token to predict (a
+    one-token document), instead of a table of zeros."""
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--tasks", ""])
+    _assert_usage_error(result.exit_code, result.stderr, result, r"nothing to evaluate")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "a"}) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llama), "--data", str(one), "--tasks", ""])
+    _assert_usage_error(result.exit_code, result.stderr, result, rf"{re.escape(str(one))}: nothing to score")

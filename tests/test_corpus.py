@@ -196,3 +196,31 @@ def test_shard_docs(tmp_path):
     assert [s.num_rows for s in shard_docs(docs, 100)] == [10]
     with pytest.raises(UsageError, match="--docs-per-shard must be at least 1"):
         shard_docs(docs, 0)
+
+
+@pytest.mark.parametrize(("column", "pattern"), [
+    (pa.array([1, 2], pa.int64()), r"column 'text' holds int64, not text"),
+    (pa.array([["a"], ["b"]]), r"column 'text' holds list<\w+: string>, not text"),
+    (pa.array([b"fine", b"\xff\xfe"], pa.binary()), r"row 1: column 'text' is not valid UTF-8 at byte 0"),
+])
+def test_parquet_text_column_that_is_not_text(tmp_path, column, pattern):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    with pytest.raises(UsageError, match=rf"{path}: {pattern}"):
+        read_corpus([str(path)])
+
+
+def test_binary_utf8_text_column_is_read(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": pa.array(["héllo".encode()], pa.binary())}), path)
+    assert _rows(read_corpus([str(path)])[0]) == [("c.parquet:0", "héllo")]
+
+
+def test_null_document_ids_are_named_as_missing(tmp_path):
+    jsonl = _jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "x"}, {"id": None, "text": "y"}])
+    with pytest.raises(UsageError, match=rf"{jsonl}:2: the document id field 'id' is null"):
+        read_corpus([str(jsonl)])
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["a", None], "text": ["x", "y"]}), path)
+    with pytest.raises(UsageError, match=rf"{path}: row 1: the document id column 'id' is null"):
+        read_corpus([str(path)])

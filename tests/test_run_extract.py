@@ -378,3 +378,37 @@ def test_interrupted_overwrite_keeps_the_old_dataset(tiny_llama, corpus_file, tm
 
 def _snapshot_files(folder: Path) -> dict[str, tuple[int, int, str]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, _sha(p)) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "zero-length leftover", "damaged leftover", "damaged listed"])
+def test_resume_recomputes_what_does_not_verify(damage, tiny_llama, corpus_file, reference_run, tmp_path):
+    """A rerun trusts no shard it has not verified: a shard deleted from a finished dataset, an empty
+    or damaged leftover of a killed run (no manifest yet), or a listed shard whose bytes changed is
+    recomputed, and the manifest ends up exactly the uninterrupted run's."""
+    out = tmp_path / "topk"
+    out.mkdir()
+    for p in reference_run.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    shard = out / "shard-00001.parquet"
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "zero-length leftover":
+        (out / MANIFEST_NAME).unlink()
+        shard.write_bytes(b"")
+    elif damage == "damaged leftover":
+        (out / MANIFEST_NAME).unlink()
+        _flip_middle_byte(shard)
+    else:
+        _flip_middle_byte(shard)
+    logs: list[str] = []
+    manifest = run_extract(_job(tiny_llama, corpus_file, out, logs))
+    assert not any("already complete" in line for line in logs), logs
+    assert _sha(shard) == _sha(reference_run / "shard-00001.parquet")
+    assert manifest.shards == Manifest.read(reference_run).shards
+    assert fusedata.dataset.verify_dataset(out) == []

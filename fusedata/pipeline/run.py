@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,11 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
     pipe = path if isinstance(path, Pipeline) else load_pipeline(path, log)
     executor = executor or LocalExecutor()
     check = pipe.verify if verify is None else verify
+    if not check:  # the readers of each stage's inputs skip their checks too
+        pipe = replace(
+            pipe, align=[replace(j, verify=False) for j in pipe.align],
+            fuse=replace(pipe.fuse, verify=False),
+            train=pipe.train and replace(pipe.train, verify=False))
     results: list[StepResult] = []
 
     def dataset_step(name: str, job: Any, make: Callable[[], Any]) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 
-from fusedata.dataset import DatasetDir, refuse_input_inside, same_run
+from fusedata.dataset import DatasetDir, refuse_input_inside, repair_dataset, same_run, verify_dataset
 from schemas.manifest import Manifest
 
 
@@ -146,8 +146,12 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
     refuse_input_inside(stage.output, stage.inputs())
     out = DatasetDir(stage.output)
     if out.is_complete() and same_run(Manifest.read(out.path).run, run):
-        log(f"{out.path}: already complete, nothing to do")
-        return StageResult("skipped", Manifest.read(out.path), 0)
+        bad = verify_dataset(out.path)  # a finished run is trusted only while its shards match the manifest
+        if not bad:
+            log(f"{out.path}: already complete, nothing to do")
+            return StageResult("skipped", Manifest.read(out.path), 0)
+        log(f"{out.path}: {len(bad)} shard(s) missing or damaged ({', '.join(bad[:5])}); recomputing them")
+        repair_dataset(out.path, bad)
     tasks = stage.tasks()
     names = [t.name for t in tasks]
     # another run's dataset is replaced only once the new one is complete: it is built in staging()
@@ -161,7 +165,9 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
     if work.is_complete() and same_run(Manifest.read(work.path).run, run):
         manifest, todo = Manifest.read(work.path), []  # staged completely; only the swap was left
     else:
-        done = work.done_shards()
+        done, dropped = work.sound_shards(stage.schema)
+        if dropped:
+            log(f"{out.path}: {len(dropped)} leftover shard(s) unreadable ({', '.join(dropped[:5])}); recomputing them")
         todo = [t for t in tasks if t.name not in done]
         if len(todo) < len(tasks):
             log(f"{out.path}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already written")

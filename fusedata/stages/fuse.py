@@ -22,6 +22,7 @@ from fusedata.dataset import (
     DatasetDir,
     check_same_target,
     open_dataset,
+    read_shard,
     run_digest,
     table_tokens,
     target_identity,
@@ -61,6 +62,7 @@ class FuseJob:
     config: FuseConfig = field(default_factory=FuseConfig)
     overwrite: bool = False
     quiet: bool = False
+    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
 
 
@@ -72,8 +74,8 @@ class FuseStage(Stage):
 
     def __init__(self, job: FuseJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk")
-        self.sources = [open_dataset(a, "aligned") for a in job.aligned]
+        self.target = open_dataset(job.target, "topk", verify=job.verify)
+        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in job.aligned]
         for path, m in zip(job.aligned, self.sources, strict=True):
             check_same_target(self.target, job.target, m, path)
             if [s.name for s in m.shards] != [s.name for s in self.target.shards]:
@@ -116,8 +118,8 @@ class FuseStage(Stage):
         return [Task(s.name) for s in self.target.shards]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        target = pq.read_table(Path(self.job.target) / task.name)
-        aligned = [pq.read_table(Path(d) / task.name) for d in self.job.aligned]
+        target = read_shard(Path(self.job.target) / task.name)
+        aligned = [read_shard(Path(d) / task.name) for d in self.job.aligned]
         out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.schema)
         if on_tokens is not None:
             on_tokens(table_tokens(out))
@@ -141,7 +143,9 @@ def run_fuse(job: FuseJob, executor: Any = None) -> Manifest:
 
 
 def fused_stats(out: DatasetDir, names: list[str], candidates: list[str]) -> dict[str, Any]:
-    """Per-candidate winning share (positions), mean weights and mean CE, read back from shards."""
+    """Per-candidate winning share, mean weights and mean CE, read back from shards; all per
+    position (a window's weights and CE count once for each position it predicts, so a short tail
+    window weighs as little as it predicts)."""
     m = len(candidates)
     wins = np.zeros(m)
     weight_sum = np.zeros(m)
@@ -149,17 +153,21 @@ def fused_stats(out: DatasetDir, names: list[str], candidates: list[str]) -> dic
     windows = positions = 0
     for name in names:
         t = pq.read_table(out.shard_path(name), columns=["winner", "weights", "candidate_ce"])
-        win = t.column("winner").combine_chunks().values.to_numpy(zero_copy_only=False)
+        winner = t.column("winner").combine_chunks()
+        win = winner.values.to_numpy(zero_copy_only=False)
+        per_window = winner.value_lengths().to_numpy(zero_copy_only=False).astype(np.float64)
         positions += win.size
         wins += np.bincount(win[win >= 0], minlength=m)[:m]
-        weight_sum += np.asarray(t.column("weights").to_pylist(), dtype=np.float64).reshape(-1, m).sum(0)
-        ce_sum += np.asarray(t.column("candidate_ce").to_pylist(), dtype=np.float64).reshape(-1, m).sum(0)
+        for column, total in (("weights", weight_sum), ("candidate_ce", ce_sum)):
+            rows = np.asarray(t.column(column).to_pylist(), dtype=np.float64).reshape(-1, m)
+            # one row per window (unit=window) or per position (unit=token)
+            total += (rows * per_window[:, None]).sum(0) if len(rows) == t.num_rows else rows.sum(0)
         windows += t.num_rows
     return {
         "candidates": candidates,
         "windows": windows,
         "positions": positions,
         "winning_share": (wins / max(positions, 1)).round(4).tolist(),
-        "mean_weights": (weight_sum / max(windows, 1)).round(4).tolist(),
-        "mean_candidate_ce": (ce_sum / max(windows, 1)).round(4).tolist(),
+        "mean_weights": (weight_sum / max(positions, 1)).round(4).tolist(),
+        "mean_candidate_ce": (ce_sum / max(positions, 1)).round(4).tolist(),
     }
