@@ -271,8 +271,8 @@ def test_job_submit_pipeline_equals_local(job_cluster, tiny_llama, tiny_gemma, c
             out=tmp_path / name, k=K, corpus=corpus_file, llama=tiny_llama, gemma=tiny_gemma, vocab=tmp_path / "vocab"))
     run_pipeline(tmp_path / "local.toml", log=lambda m: None)
     ray, sid = str(BIN / "ray"), f"fusedata-test-{uuid.uuid4().hex[:12]}"
-    deadline = time.time() + 90
-    while True:  # the job server answers before the head's job agent is up (slow on a loaded machine)
+    deadline = time.time() + 240
+    while True:  # the job server answers before the head's job agent is up (minutes on a loaded machine)
         submit = subprocess.run([ray, "job", "submit", "--address", job_cluster.url, "--submission-id", sid,
                                  "--working-dir", ".", "--", "python", "-m", "jobs.run_pipeline",
                                  str(tmp_path / "job.toml")],
