@@ -75,6 +75,12 @@ def load_task(task: str, limit: int) -> list[MCItem]:
     return items
 
 
+def heldout_figures(nll: float, positions: int, nbytes: int) -> dict[str, float]:
+    """eval's held-out figures from a summed NLL (nats) over `positions` predicting `nbytes` bytes."""
+    return {"tokens": positions, "bytes": nbytes, "ce_per_token": nll / max(positions, 1),
+            "perplexity": math.exp(nll / max(positions, 1)), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+
+
 def heldout(model_spec: str, inputs: list[str], max_length: int = 1024) -> dict[str, float]:
     """CE per token, perplexity and bits per byte of a model on held-out documents."""
     from fusedata.corpus import read_corpus
@@ -91,8 +97,7 @@ def heldout(model_spec: str, inputs: list[str], max_length: int = 1024) -> dict[
     positions = int(n.sum())
     if positions == 0:  # a figure over no positions would read as a perfect 0 bits/byte
         raise UsageError(f"{', '.join(inputs)}: nothing to score: no document has a second token to predict")
-    return {"tokens": positions, "bytes": nbytes, "ce_per_token": nll / max(positions, 1),
-            "perplexity": math.exp(nll / max(positions, 1)), "bits_per_byte": nll / math.log(2) / max(nbytes, 1)}
+    return heldout_figures(nll, positions, nbytes)
 
 
 @dataclass
@@ -139,8 +144,7 @@ class HeldOutText:
                 nll += float(torch.nn.functional.cross_entropy(logits[has_next], ids[:, 1:][has_next], reduction="sum"))
                 positions += int(has_next.sum())
         model.train(was_training)
-        return {"tokens": positions, "bytes": self.nbytes, "ce_per_token": nll / max(positions, 1),
-                "perplexity": math.exp(nll / max(positions, 1)), "bits_per_byte": nll / math.log(2) / max(self.nbytes, 1)}
+        return heldout_figures(nll, positions, self.nbytes)
 
 
 def score_choices(model: Any, tokenizer: Any, item: MCItem) -> np.ndarray:
