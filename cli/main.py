@@ -26,6 +26,9 @@ class _Group(click.Group):
         except (UsageError, CodecError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.BadParameter as exc:  # a bad value (not a missing option): one line, like ours
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
             sys.exit(130)

@@ -149,8 +149,8 @@ def test_top_k_larger_than_vocab(tiny_llama, corpus_file, finished):
                                                ("--workers", "0"), ("--workers", "-1")])
 def test_out_of_range_option_stops_before_anything_runs(tiny_llama, corpus_file, finished, option, value):
     before = _snapshot(finished)
-    code, _, result = _extract(tiny_llama, corpus_file, finished, option, value)
-    assert code == 2 and f"Invalid value for '{option}'" in result.output + result.stderr
+    _assert_usage_error(*_extract(tiny_llama, corpus_file, finished, option, value),
+                        rf"Invalid value for '{option}': .*{value}")
     assert _snapshot(finished) == before
 
 
