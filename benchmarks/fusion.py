@@ -65,7 +65,7 @@ class Track:
 TRACKS = {
     "student": Track(str(ROOT / "configs" / "student-llama.json"), 32_000, 1024, (1e-3, 3e-3, 1e-2, 3e-2),
                      ("self", "gemma", "mince", "avgce"), 2),
-    "continual": Track("", 12_288, 512, (1e-5, 3e-5, 1e-4), ("mince",), 1),
+    "continual": Track("", 12_288, 512, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), ("mince",), 1),
 }
 SOURCES = ("self", "gemma", "mince", "avgce")
 
@@ -135,7 +135,7 @@ def build_datasets(work: Path) -> dict[str, Any]:
         "self": run_fuse(FuseJob(target, [], str(work / "fused-self"), FuseConfig(method="mince"), **quiet)),
         "gemma": run_fuse(FuseJob(target, gemma, str(work / "fused-gemma"), FuseConfig(include_target=False), **quiet)),
         "mince": run_fuse(FuseJob(target, gemma, str(work / "fused-mince"), FuseConfig(method="mince"), **quiet)),
-        "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce"), **quiet)),
+        "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce", temperature=1.0), **quiet)),  # as run (the default was 1 then)
     }
     return {"train_tokens": fused["mince"].tokens, "align": aligned.stats, "target_quality": target_quality(work),
             "fuse": {k: {key: m.stats.get(key) for key in ("candidates", "winning_share", "mean_weights",

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from fusedata.fuse import fuse, token_metric_ce
+from fusedata.fuse import AVGCE_TEMPERATURE, fuse, token_metric_ce
+from fusedata.stages.fuse import FuseConfig
 from fusedata.topk import PAD_ID, TopK, label_logprob, merge_sparse
 
 
@@ -56,11 +57,20 @@ def test_mince_tie_goes_to_target():
     assert res.winner.tolist() == [0]
 
 
+def test_avgce_default_temperature_lets_a_typical_ce_difference_matter():
+    """A median window-CE difference between two teachers (0.05 nats/byte) weights them e:1 by default;
+    the old default (T = 1) made it 0.49/0.51, an average whatever the CE said."""
+    tgt, src = topk([[1, 2]], [[0.6, 0.3]], [1]), topk([[2, 3]], [[0.5, 0.4]], [1])
+    res = fuse([tgt, src], np.array([2]), np.array([[0.70, 0.75]]), vocab_size=10, method="avgce")
+    np.testing.assert_allclose(res.weights, [[math.e / (math.e + 1), 1 / (math.e + 1)]], rtol=1e-6)
+    assert FuseConfig().temperature == AVGCE_TEMPERATURE == 0.05
+
+
 def test_avgce_window_is_softmax_weighted_mixture():
     tgt = topk([[1, 2]], [[0.6, 0.3]], [1])
     src = topk([[2, 3]], [[0.5, 0.4]], [1])
     ce = np.array([[1.0, 2.0]])
-    res = fuse([tgt, src], np.array([2]), ce, vocab_size=10, method="avgce", k_out=3)
+    res = fuse([tgt, src], np.array([2]), ce, vocab_size=10, method="avgce", k_out=3, temperature=1.0)
     w0 = math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0))
     w1 = 1 - w0
     want = {1: 0.6 * w0, 2: 0.3 * w0 + 0.5 * w1, 3: 0.4 * w1}
@@ -123,7 +133,7 @@ def test_fuse_matches_reference_on_random_data(method, unit):
     if method == "mince":
         w = np.eye(3)[ce.argmin(1)]
     else:
-        w = np.exp(-ce) / np.exp(-ce).sum(1, keepdims=True)
+        w = np.exp(-ce / AVGCE_TEMPERATURE) / np.exp(-ce / AVGCE_TEMPERATURE).sum(1, keepdims=True)
     ref = _reference_mixture(cands, w, 5)
     for pos, entries in enumerate(ref):
         got = [(int(i), float(np.exp(lp))) for i, lp in zip(res.topk.ids[pos], res.topk.logprobs[pos], strict=True) if i != PAD_ID]

@@ -28,7 +28,7 @@ from fusedata.dataset import (
     target_identity,
 )
 from fusedata.errors import UsageError, check_options, field_choices
-from fusedata.fuse import fuse_tables
+from fusedata.fuse import AVGCE_TEMPERATURE, fuse_tables
 from fusedata.stages.base import Stage, Task
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
@@ -39,7 +39,7 @@ class FuseConfig:
     method: str = field(default="mince", metadata={"choices": ("mince", "avgce")})
     unit: str = field(default="window", metadata={"choices": ("window", "token")})  # what a weight applies to
     metric: str = field(default="byte", metadata={"choices": ("byte", "token")})  # window CE per (window unit only)
-    temperature: float = 1.0  # AvgCE softmax temperature
+    temperature: float = AVGCE_TEMPERATURE  # AvgCE softmax temperature (why this default: fusedata/fuse.py)
     k_out: int = 0  # 0: the target's k
     codec: str = DEFAULT_CODEC
     include_target: bool = True  # False: fuse the sources only (plain distillation from one source)
