@@ -137,8 +137,10 @@ def mined_map(src: list[str | None], tgt: list[str | None], size: int, workers: 
     return out
 
 
-def vocab_map(src_tok: Any, tgt_tok: Any, method: str, size: int, cache_dir: str | Path | None = None) -> np.ndarray:
-    """Source id -> target id (-1: none), cached on disk by both tokenizers' hashes."""
+def vocab_map(src_tok: Any, tgt_tok: Any, method: str, size: int, cache_dir: str | Path | None = None,
+              log: Any = None) -> np.ndarray:
+    """Source id -> target id (-1: none), cached on disk by both tokenizers' hashes. `log` hears
+    about a map that has to be built (MinED over two large vocabularies takes minutes)."""
     from fusedata.models.spec import tokenizer_hash
 
     if method not in ("exact", "mined"):
@@ -149,6 +151,9 @@ def vocab_map(src_tok: Any, tgt_tok: Any, method: str, size: int, cache_dir: str
         return np.load(path)
     src, tgt = token_texts(src_tok), token_texts(tgt_tok)
     src = src + [None] * (size - len(src))
+    if log is not None and method == "mined":
+        log(f"building the MinED vocabulary map: {len(src):,} source x {len(tgt):,} target tokens "
+            "(about 2 min for 49k x 262k on 2 cores; cached after, for every later run)")
     last = byte_fallback_ids(tgt_tok)
     result = exact_map(src, tgt, size, last) if method == "exact" else mined_map(src, tgt, size, last=last)
     if path is not None:

@@ -166,7 +166,9 @@ def test_mined_map_equals_brute_force_real():
 
 def test_vocab_map_cache(llama_tok, gemma_tok, tmp_path, monkeypatch):
     size = len(gemma_tok) + 4  # the model's vocabulary may be larger than the tokenizer's
-    first = vocab_map(gemma_tok, llama_tok, "mined", size, tmp_path)
+    said: list[str] = []
+    first = vocab_map(gemma_tok, llama_tok, "mined", size, tmp_path, log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"building the MinED vocabulary map: {size:,} source x")
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 1 and files[0].startswith("vocab-mined-") and files[0].endswith(".npy")
     assert first.shape == (size,) and first.dtype == np.int32 and (first[-4:] == -1).all()
@@ -177,7 +179,8 @@ def test_vocab_map_cache(llama_tok, gemma_tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fusedata.vocab, "mined_map", boom)
     monkeypatch.setattr(fusedata.vocab, "exact_map", boom)
-    assert np.array_equal(vocab_map(gemma_tok, llama_tok, "mined", size, tmp_path), first)  # loaded from the .npy
+    assert np.array_equal(vocab_map(gemma_tok, llama_tok, "mined", size, tmp_path, log=said.append), first)  # loaded
+    assert len(said) == 1  # a cached map is not announced
     assert sorted(p.name for p in tmp_path.iterdir()) == files
     # another tokenizer (or direction, or method) is another key: it is computed, not loaded
     with pytest.raises(AssertionError, match="recomputed"):

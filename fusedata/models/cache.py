@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file not found: {gguf_path}")
+    # stderr, not the logger: a minute or more of silence on a first run looked like a hang
+    print(f"converting {gguf_path.name} to a safetensors folder, checked against the GGUF (once; a minute or two "
+          f"for the bundled models): {out_dir}", file=sys.stderr, flush=True)
     tok, loaded = _load_gguf(gguf_path)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

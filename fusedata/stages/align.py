@@ -114,7 +114,8 @@ class AlignStage(Stage):
         tgt_tok = _tokenizer_of(self.target.run, self.job.target)
         src_tok = _tokenizer_of(self.source.run, self.job.source)
         cache = Path(self.config.cache_dir) if self.config.cache_dir else cache_root().parent / "vocab"
-        vmap = vocab_map(src_tok, tgt_tok, self.config.vocab, int(self.source.run["vocab_size"]), cache)
+        vmap = vocab_map(src_tok, tgt_tok, self.config.vocab, int(self.source.run["vocab_size"]), cache,
+                         log=None if self.job.quiet else self.job.log)
         self.mapped_share = float((vmap >= 0).mean())
         # the workers load the map from a file named by its content, so a changed map is never stale
         map_path = cache / f"map-{hashlib.sha256(vmap.tobytes()).hexdigest()[:20]}.npy"
