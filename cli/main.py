@@ -193,9 +193,9 @@ def inspect_cmd(path, as_json, plot_dir, verify):
 
 
 @main.command()
-@click.option("--target", required=True, type=click.Path(file_okay=False), help="The target model's topk dataset.")
-@click.option("--aligned", "aligned", multiple=True, type=click.Path(file_okay=False),
-              help="Aligned source datasets (repeatable).")
+@click.option("--target", required=True, help="The target model's topk dataset ([NAME=]FOLDER).")
+@click.option("--aligned", "aligned", multiple=True,
+              help="Aligned source datasets (repeatable), [NAME=]FOLDER: NAME names the candidate (default: its model).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Fused dataset folder.")
 @click.option("--method", type=_choice("fuse", "method"), default=_default("fuse", "method"), show_default=True)
 @click.option("--unit", type=_choice("fuse", "unit"), default=_default("fuse", "unit"), show_default=True,

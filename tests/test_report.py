@@ -40,3 +40,28 @@ def test_mean_candidate_ce_weights_windows_by_positions(spine):
     assert len(set(n)) > 1  # windows of different lengths: the two means differ
     want = (ce_arr * n_arr[:, None]).sum(0) / n_arr.sum()
     np.testing.assert_allclose(manifest.stats["mean_candidate_ce"], want.round(4), atol=1e-4)
+
+
+def test_candidates_named_on_the_command_line(spine, tmp_path):
+    """`--aligned NAME=PATH` names a candidate in the fused dataset and in inspect (default: the model
+    path given to extract, which for a user's own model is a long folder path)."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = tmp_path / "named"
+    args = ["fuse", "--target", f"llama={spine / 'topk/llama'}", "--aligned", f"gemma={spine / 'aligned/gemma'}",
+            "--output", str(out), "--executor", "local", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = summarize(out)
+    assert Manifest.read(out).run["candidates"] == ["llama", "gemma"]
+    assert "candidate llama" in render(summary) and "candidate gemma" in render(summary)
+    # the same data as the unnamed run: only the names differ
+    for s in Manifest.read(out).shards:
+        named, plain = pq.read_table(out / s.name), pq.read_table(spine / "fused" / s.name)
+        assert named.select(["winner", "candidate_ce", "topk_zq"]).equals(plain.select(["winner", "candidate_ce", "topk_zq"]))
+
+    same = CliRunner().invoke(main, args[:3] + ["--aligned", f"llama={spine / 'aligned/gemma'}", "--output",
+                                                str(tmp_path / "x"), "--executor", "local", "--quiet"])
+    assert same.exit_code == 2 and "error: two candidates are given the same name" in same.stderr

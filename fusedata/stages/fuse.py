@@ -8,6 +8,7 @@ target (tokenizer, corpus, windows) are refused before any work, with what diffe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,23 @@ class FuseConfig:
         ])
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def named_location(text: str) -> tuple[str | None, str]:
+    """`NAME=PATH` -> (NAME, PATH); a plain path -> (None, path). A folder that exists is always a
+    path, whatever it is called, so a path with '=' in it still works."""
+    name, sep, rest = text.partition("=")
+    if sep and rest and _NAME.fullmatch(name) and not Path(text).exists():
+        return name, rest
+    return None, text
+
+
 @dataclass(frozen=True)
 class FuseJob:
+    """`target` and each `aligned` entry: a dataset folder, or NAME=FOLDER to name that candidate in the
+    fused dataset and in `inspect` (default: the model as given to extract)."""
+
     target: str
     aligned: list[str]
     output: str
@@ -64,6 +80,19 @@ class FuseJob:
     quiet: bool = False
     verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
+    names: dict[int, str] = field(default_factory=dict, init=False)  # candidate index -> the NAME given
+
+    def __post_init__(self) -> None:
+        (tname, target), named = named_location(self.target), [named_location(a) for a in self.aligned]
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "aligned", [path for _, path in named])
+        if tname is not None and not self.config.include_target:
+            raise UsageError(f"the target is not a candidate with --no-target: its name {tname!r} would be unused")
+        given = ([tname] if self.config.include_target else []) + [name for name, _ in named]
+        object.__setattr__(self, "names", {i: n for i, n in enumerate(given) if n is not None})
+        chosen = list(self.names.values())
+        if len(set(chosen)) != len(chosen):
+            raise UsageError(f"two candidates are given the same name: {sorted(chosen)}")
 
 
 class FuseStage(Stage):
@@ -86,8 +115,10 @@ class FuseStage(Stage):
         self.k_out = job.config.k_out or self.k
         self.codec = get_codec(job.config.codec)
         self.codec.check_k(self.k_out)
-        self.candidates = ([self.target.run["model"]] * job.config.include_target
-                           + [m.run["source"]["model"] for m in self.sources])
+        models = [self.target.run["model"]] * job.config.include_target + [m.run["source"]["model"] for m in self.sources]
+        self.candidates = [job.names.get(i, model) for i, model in enumerate(models)]
+        if len(set(self.candidates)) != len(self.candidates) and job.names:
+            raise UsageError(f"candidate names must differ: {self.candidates}")
         self.schema = fused_schema(self.codec.fields(), self.codec.metadata(), self.k_out, self.candidates)
 
     def identity(self) -> dict[str, Any]:
