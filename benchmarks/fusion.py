@@ -131,11 +131,12 @@ def build_datasets(work: Path) -> dict[str, Any]:
     aligned = run_align(AlignJob(str(work / "topk/smollm2"), str(work / "topk/gemma3"), str(work / "aligned/gemma3"),
                                  AlignConfig(), **quiet))
     target, gemma = str(work / "topk/smollm2"), [str(work / "aligned/gemma3")]
+    as_run = {"temperature": 1.0}  # the datasets were built when AvgCE's default was 1 (it is in their identity)
     fused = {
-        "self": run_fuse(FuseJob(target, [], str(work / "fused-self"), FuseConfig(method="mince"), **quiet)),
-        "gemma": run_fuse(FuseJob(target, gemma, str(work / "fused-gemma"), FuseConfig(include_target=False), **quiet)),
-        "mince": run_fuse(FuseJob(target, gemma, str(work / "fused-mince"), FuseConfig(method="mince"), **quiet)),
-        "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce", temperature=1.0), **quiet)),  # as run (the default was 1 then)
+        "self": run_fuse(FuseJob(target, [], str(work / "fused-self"), FuseConfig(method="mince", **as_run), **quiet)),
+        "gemma": run_fuse(FuseJob(target, gemma, str(work / "fused-gemma"), FuseConfig(include_target=False, **as_run), **quiet)),
+        "mince": run_fuse(FuseJob(target, gemma, str(work / "fused-mince"), FuseConfig(method="mince", **as_run), **quiet)),
+        "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce", **as_run), **quiet)),
     }
     return {"train_tokens": fused["mince"].tokens, "align": aligned.stats, "target_quality": target_quality(work),
             "fuse": {k: {key: m.stats.get(key) for key in ("candidates", "winning_share", "mean_weights",
