@@ -29,12 +29,14 @@ BASE_FIELDS = [
 ]
 
 
+CHUNKS = "ALM (`fuse --alm-source`): each byte-aligned chunk's positions [start, end)"
 # written only by `fuse --alm-source` (the ALM loss's input), after the codec's columns
 CHUNK_FIELDS = [
-    column("chunk_start", pa.list_(pa.int32()), "ALM: first position of each byte-aligned chunk", "[C]"),
-    column("chunk_end", pa.list_(pa.int32()), "ALM: position after the last of each chunk", "[C]"),
+    column("chunk_start", pa.list_(pa.int32()), CHUNKS, "[C]"),
+    column("chunk_end", pa.list_(pa.int32()), CHUNKS, "[C]"),
     column("chunk_teacher_ll", pa.list_(pa.float32()),
-           "ALM: the source's log-likelihood (nats) of each chunk, from its stored gold log-probs", "[C]"),
+           "ALM (`fuse --alm-source`): the source's log-likelihood (nats) of each chunk, from its stored gold log-probs",
+           "[C]"),
 ]
 
 
