@@ -9,6 +9,12 @@ source, aligned onto SmolLM2 by MinED). One corpus, extracted once; one dataset 
   mince       fused MinCE (per window, the teacher with the lowest CE per byte)
   avgce       fused AvgCE (teachers weighted by a softmax over -CE)
 Every distillation arm runs at λ = 0.9 (the paper's) and at each lower λ of --lams ("mince@0.5").
+Methods that need no vocabulary map or no top-k (issue 21), on the student track:
+  sampled     the target's own distribution as 12 draws per position plus its exact top-1
+              (extract --targets sampled:12): an unbiased target; compared with `self` (its top-k)
+  uld         ULD (sorted probabilities) toward the single source's top-k; compared with `gemma`
+  alm         ALM (binary KL of byte-chunk likelihoods) against the single source's stored gold
+              log-probs (fuse --alm-source); compared with `gemma`
 
 Two tracks:
   student    a Llama of 7.3M parameters (benchmarks/configs/student-llama.json, tied embeddings)
@@ -60,14 +66,19 @@ class Track:
     lrs: tuple[float, ...]  # the clm arm's sweep
     low_lam_arms: tuple[str, ...]  # distillation arms also run at the lower λ values
     curve_points: int  # evaluations along a run (after step 0)
+    method_arms: tuple[str, ...] = ()  # the arms of METHODS this track runs (at λ = --lams[0]; --method-lams)
 
 
 TRACKS = {
     "student": Track(str(ROOT / "configs" / "student-llama.json"), 32_000, 1024, (1e-3, 3e-3, 1e-2, 3e-2),
-                     ("self", "gemma", "mince", "avgce"), 2),
+                     ("self", "gemma", "mince", "avgce"), 2, ("sampled", "uld", "alm")),
     "continual": Track("", 12_288, 512, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), ("mince",), 1),
 }
 SOURCES = ("self", "gemma", "mince", "avgce")
+SAMPLES = 12  # draws per position of the sampled arm ("about a dozen", Sparse Logit Sampling)
+# arm -> (dataset, train loss, the arm it is compared with at the same λ)
+METHODS = {"sampled": ("sampled", "sparse", "self"), "uld": ("gemma", "uld", "gemma"),
+           "alm": ("alm", "alm", "gemma")}
 
 
 def log(msg: str) -> None:
@@ -116,7 +127,7 @@ def build_corpus(work: Path, train_chars: int, test_chars: int, val_chars: int, 
     return counts
 
 
-def build_datasets(work: Path) -> dict[str, Any]:
+def build_datasets(work: Path, methods_wanted: bool = True) -> dict[str, Any]:
     """Top-k of both teachers on the training split, the alignment, and one fused dataset per
     source arm (each step resumable: a finished dataset is skipped)."""
     from fusedata.stages.align import AlignConfig, AlignJob, run_align
@@ -138,12 +149,31 @@ def build_datasets(work: Path) -> dict[str, Any]:
         "mince": run_fuse(FuseJob(target, gemma, str(work / "fused-mince"), FuseConfig(method="mince", **as_run), **quiet)),
         "avgce": run_fuse(FuseJob(target, gemma, str(work / "fused-avgce"), FuseConfig(method="avgce", **as_run), **quiet)),
     }
-    return {"train_tokens": fused["mince"].tokens, "align": aligned.stats, "target_quality": target_quality(work),
+    methods: dict[str, Any] = {}
+    if methods_wanted:
+        # the sampled arm: the target's own distribution, sampled instead of cut to its top-k
+        sampled = run_extract(ExtractJob(corpus, str(work / "topk" / "smollm2-sampled"),
+                                         ExtractConfig(model=TARGET, targets=f"sampled:{SAMPLES}", max_length=MAX_LENGTH),
+                                         docs_per_shard=16, **quiet))
+        fused["sampled"] = run_fuse(FuseJob(str(work / "topk/smollm2-sampled"), [], str(work / "fused-sampled"),
+                                            FuseConfig(method="mince"), **quiet))
+        # the ALM arm: the target's windows with their byte chunks against Gemma-3's own tokens
+        alm = run_fuse(FuseJob(target, [], str(work / "fused-alm"), FuseConfig(method="mince"),
+                               alm_source=str(work / "topk/gemma3"), **quiet))
+        topk_bytes = run_extract(ExtractJob(corpus, str(work / "topk" / "smollm2"),
+                                            ExtractConfig(model=TARGET, top_k=10, max_length=MAX_LENGTH),
+                                            docs_per_shard=16, **quiet)).stats["bytes_per_token"]
+        methods = {"sampled_targets": f"sampled:{SAMPLES}",
+                   "sampled_bytes_per_token": round(sampled.stats["bytes_per_token"], 2),
+                   "topk10_bytes_per_token": round(topk_bytes, 2), "alm_chunks": alm.stats["alm"]}
+    quality = target_quality(work, [a for a in (*SOURCES, "sampled") if (work / f"fused-{a}").is_dir()])
+    return {"train_tokens": fused["mince"].tokens, "align": aligned.stats, "target_quality": quality,
             "fuse": {k: {key: m.stats.get(key) for key in ("candidates", "winning_share", "mean_weights",
-                                                            "mean_candidate_ce")} for k, m in fused.items()}}
+                                                            "mean_candidate_ce")} for k, m in fused.items()},
+            "methods": methods}
 
 
-def target_quality(work: Path) -> dict[str, dict[str, float]]:
+def target_quality(work: Path, arms: list[str]) -> dict[str, dict[str, float]]:
     """What each arm's soft target says about the text it is trained on, read from the datasets:
     the probability the target puts on the gold next token (its cross-entropy in nats/token when
     the gold id is listed; the tail bounds it otherwise), how often the gold id is listed, and the
@@ -156,7 +186,7 @@ def target_quality(work: Path) -> dict[str, dict[str, float]]:
     from fusedata.topk import PAD_ID
 
     out = {}
-    for arm in SOURCES:
+    for arm in arms:
         folder = work / f"fused-{arm}"
         listed = gold_p = tail = top1 = 0.0
         n = 0
@@ -191,21 +221,25 @@ def heldout_sets(work: Path) -> dict[str, Any]:
 
 
 # -- runs ----------------------------------------------------------------------------------------
-def arms_of(track: Track, lams: list[float]) -> dict[str, tuple[str, float]]:
-    """arm name -> (dataset, λ); the clm arm reads the mince dataset, whose labels all arms share."""
-    arms = {"clm": ("mince", 1.0)} | {s: (s, lams[0]) for s in SOURCES}
+def arms_of(track: Track, lams: list[float], method_lams: list[float] | None = None) -> dict[str, tuple[str, float, str]]:
+    """arm name -> (dataset, λ, loss); the clm arm reads the mince dataset, whose labels all arms
+    share. The method arms come last, so a run that stops early has finished the others."""
+    arms = {"clm": ("mince", 1.0, "sparse")} | {s: (s, lams[0], "sparse") for s in SOURCES}
     for lam in lams[1:]:
-        arms |= {f"{s}@{lam:g}": (s, lam) for s in track.low_lam_arms}
+        arms |= {f"{s}@{lam:g}": (s, lam, "sparse") for s in track.low_lam_arms}
+    for lam in method_lams or lams[:1]:
+        arms |= {m + ("" if lam == lams[0] else f"@{lam:g}"): (METHODS[m][0], lam, METHODS[m][1])
+                 for m in track.method_arms}
     return arms
 
 
 def train_run(work: Path, track_name: str, track: Track, dataset: str, lam: float, lr: float, seed: int, steps: int,
-              device: str, evaluate_at: dict[int, list[Any]]) -> dict[str, Any]:
+              device: str, evaluate_at: dict[int, list[Any]], loss: str = "sparse") -> dict[str, Any]:
     """One training run; `evaluate_at` maps a step to the held-out sets scored there. Returns the
     scores by step, the run's tokens and seconds. The checkpoint is removed once scored."""
     from fusedata.train import TrainConfig, train
 
-    out = work / "ckpt" / f"{track_name}-{dataset}-lam{lam:g}-lr{lr:g}-seed{seed}"
+    out = work / "ckpt" / f"{track_name}-{dataset}-{loss}-lam{lam:g}-lr{lr:g}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a run killed before it was scored starts over
     scores: dict[int, dict[str, float]] = {}
     tokens_at: dict[int, int] = {}
@@ -217,7 +251,7 @@ def train_run(work: Path, track_name: str, track: Track, dataset: str, lam: floa
 
     cfg = TrainConfig(data=str(work / f"fused-{dataset}"), model=TARGET, output=str(out), lam=lam, lr=lr,
                       warmup_ratio=0.1, max_steps=steps, batch_tokens=track.batch_tokens, seed=seed, log_every=0,
-                      init_config=track.init_config, device=device)
+                      init_config=track.init_config, device=device, loss=loss)
     t0 = time.perf_counter()
     result = train(cfg, log=lambda m: log(m) if m.startswith("warning") else None, on_step=on_step)
     shutil.rmtree(out, ignore_errors=True)
@@ -253,9 +287,9 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
         log(f"{name}: warning: the best swept lr {lr:g} is at the edge of the sweep {track.lrs}")
     log(f"{name}: lr {lr:g} (validation bits/byte by lr: {state['sweep']})")
     state["lr"] = lr
-    arms = arms_of(track, args.lams)
+    arms = arms_of(track, args.lams, args.method_lams)
     for seed in args.seeds:
-        for arm, (dataset, lam) in arms.items():
+        for arm, (dataset, lam, loss) in arms.items():
             run_key = f"{arm}/seed{seed}"
             if state["runs"].get(run_key, {}).get("lr", lr) == lr and run_key in state["runs"]:
                 continue  # done at this lr (a wider sweep that picks another lr redoes the runs)
@@ -266,8 +300,8 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
             at[steps] = [("test", sets["test"]), ("ood", sets["ood"])]
             if first:  # the untrained student of this seed: the same weights start every arm
                 at[0] = [("test", sets["test"]), ("ood", sets["ood"])]
-            log(f"{name}: {arm} (λ {lam:g}) seed {seed}")
-            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at) | {"lr": lr}
+            log(f"{name}: {arm} (λ {lam:g}, loss {loss}) seed {seed}")
+            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at, loss) | {"lr": lr}
             if first:
                 state.setdefault("untrained", {})[str(seed)] = r["scores"].pop("0")
             state["runs"][run_key] = r
@@ -276,7 +310,7 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
     return summarise(name, state, args.seeds, arms, steps)
 
 
-def summarise(name: str, state: dict[str, Any], seeds: list[int], arms: dict[str, tuple[str, float]],
+def summarise(name: str, state: dict[str, Any], seeds: list[int], arms: dict[str, tuple[str, float, str]],
               steps: int) -> dict[str, Any]:
     """The track's results in fusion.json's shape: per arm, bits/byte per seed and paired diffs."""
     from fusedata.experiment import paired_difference
@@ -289,10 +323,13 @@ def summarise(name: str, state: dict[str, Any], seeds: list[int], arms: dict[str
     untrained = [state["untrained"].get(str(s), fixed) for s in seeds]
     out["arms"]["untrained"] = {"bits_per_byte": [u["test"] for u in untrained],
                                 "ood_bits_per_byte": [u["ood"] for u in untrained]}
-    for arm, (dataset, lam) in arms.items():
+    for arm, (dataset, lam, loss) in arms.items():
+        if any(f"{arm}/seed{s}" not in state["runs"] for s in seeds):
+            out.setdefault("unfinished_arms", []).append(arm)  # a run stopped early: reported without it
+            continue
         runs = [state["runs"][f"{arm}/seed{s}"] for s in seeds]
         entry: dict[str, Any] = {
-            "dataset": dataset, "lam": lam,
+            "dataset": dataset, "lam": lam, **({"loss": loss} if loss != "sparse" else {}),
             "bits_per_byte": [r["scores"][str(steps)]["test"] for r in runs],
             "ood_bits_per_byte": [r["scores"][str(steps)]["ood"] for r in runs],
             "curve": [[{"step": int(s), "tokens": r["tokens_at"].get(s, 0), "bits_per_byte": v["test"]}
@@ -313,6 +350,11 @@ def summarise(name: str, state: dict[str, Any], seeds: list[int], arms: dict[str
                 single: paired_difference(entry["bits_per_byte"], out["arms"][single]["bits_per_byte"]).as_dict()
                 for single in (f"self@{lam}" if lam else "self", f"gemma@{lam}" if lam else "gemma")
                 if single in out["arms"]}
+        if base in METHODS and len(seeds) >= 2:  # each method against the arm with the same teacher and λ
+            single = METHODS[base][2] + (f"@{lam}" if lam else "")
+            if single in out["arms"]:
+                entry["diff_vs_single"] = {single: paired_difference(entry["bits_per_byte"],
+                                                                     out["arms"][single]["bits_per_byte"]).as_dict()}
     return out
 
 
@@ -337,11 +379,15 @@ def table(name: str, res: dict[str, Any]) -> str:
         d = e.get("diff_vs_clm")
         lam = "" if arm == "untrained" else f"{e['lam']:g}"
         verdict = "" if d is None else d["verdict"]
-        lines.append(f"| {arm} | {lam} | {mean(e['bits_per_byte'])} | {diff(d)} | {verdict} | "
+        lines.append(f"| {arm}{' (' + e['loss'] + ')' if 'loss' in e else ''} | {lam} | {mean(e['bits_per_byte'])} | "
+                     f"{diff(d)} | {verdict} | "
                      f"{mean(e['ood_bits_per_byte'])} | {diff(e.get('ood_diff_vs_clm'))} |")
+    if res.get("unfinished_arms"):
+        lines += ["", f"Not finished for every seed (left out): {', '.join(res['unfinished_arms'])}"]
     fused = [(arm, e["diff_vs_single"]) for arm, e in res["arms"].items() if e.get("diff_vs_single")]
     if fused:
-        lines += ["", "| fused arm | vs single teacher | Δ bits/byte [95% CI] | verdict |", "|---|---|---:|---|"]
+        lines += ["", "| fused or method arm | vs single teacher (same λ) | Δ bits/byte [95% CI] | verdict |",
+                  "|---|---|---:|---|"]
         for arm, diffs in fused:
             lines += [f"| {arm} | {single} | {diff(d)} | {d['verdict']} |" for single, d in diffs.items()]
     return "\n".join(lines)
@@ -393,6 +439,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lams", type=float, nargs="+", default=[0.9, 0.5], help="the first is every arm's; the rest "
                    "are run for the track's low-λ arms")
+    p.add_argument("--method-lams", type=float, nargs="+", default=None,
+                   help="λ values of the method arms (sampled, uld, alm); default: the first of --lams")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the training tokens per run (a GPU: 20)")
     p.add_argument("--train-tokens", type=int, default=48_000, help="size of the training corpus (teacher tokens)")
     p.add_argument("--device", default="cpu")
@@ -407,7 +455,7 @@ def main() -> None:
     counts = build_corpus(work, train_chars=round(args.train_tokens * 3.6 / len(IN_DOMAINS)), test_chars=20_000,
                           val_chars=8_000, ood_chars=30_000)
     log(f"corpus: {counts}")
-    data = build_datasets(work)
+    data = build_datasets(work, args.track in ("student", "both"))
     log(f"datasets ready ({time.perf_counter() - t0:.0f} s): {data['train_tokens']:,} training tokens; "
         f"align kinds {data['align'].get('kinds')}; MinCE winners {data['fuse']['mince']['winning_share']}")
     sets = heldout_sets(work)

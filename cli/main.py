@@ -108,6 +108,11 @@ def with_executor(f):
 @click.option("--input", "inputs", required=True, multiple=True, help="JSONL/Parquet/text file, glob or folder (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
 @click.option("--top-k", default=_default("extract", "top_k"), show_default=True, help="Distribution entries kept per position.")
+@click.option("--targets", default=_default("extract", "targets"),
+              help="topk:K (default, K = --top-k) or sampled:N: N draws per position from the full distribution "
+                   "(unbiased), stored as distinct ids with their counts, plus the exact top-1.")
+@click.option("--sample-seed", default=_default("extract", "sample_seed"), show_default=True,
+              help="Sampled targets: the seed of every window's draws.")
 @click.option("--max-length", default=_default("extract", "max_length"), show_default=True, help="Tokens per window; longer documents are split.")
 @click.option("--batch-tokens", default=_default("extract", "batch_tokens"), type=click.IntRange(min=0), help="Padded tokens per forward batch (default: 1024 on CPU, 8192 on a GPU).")
 @click.option("--text-field", default=_default("job", "text_field"), show_default=True, help="Text field of JSONL/Parquet records.")
@@ -129,7 +134,8 @@ def with_executor(f):
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds another run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_executor
-def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, id_field, skip_bad_lines,
+def extract(model, inputs, output, top_k, targets, sample_seed, max_length, batch_tokens, text_field, id_field,
+            skip_bad_lines,
             docs_per_shard, codec, device, dtype, threads, backend, vllm_kv_cache_gb, vllm_threads, vllm_batch_tokens,
             overwrite, quiet,
             executor, address, workers):
@@ -140,7 +146,7 @@ def extract(model, inputs, output, top_k, max_length, batch_tokens, text_field, 
     config = ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
                            device=device, dtype=dtype, codec=codec or DEFAULT_CODEC, threads=threads,
                            backend=backend, vllm_kv_cache_gb=vllm_kv_cache_gb, vllm_threads=vllm_threads,
-                           vllm_batch_tokens=vllm_batch_tokens)
+                           vllm_batch_tokens=vllm_batch_tokens, targets=targets, sample_seed=sample_seed)
     job = ExtractJob(list(inputs), output, config, text_field=text_field, id_field=id_field,
                      skip_bad_lines=skip_bad_lines, docs_per_shard=docs_per_shard, overwrite=overwrite, quiet=quiet,
                      log=lambda m: click.echo(m, err=True))
@@ -207,12 +213,15 @@ def inspect_cmd(path, as_json, plot_dir, verify):
 @click.option("--top-k", "k_out", default=_default("fuse", "k_out"), help="Entries kept per position (0: the target's k).")
 @click.option("--codec", default=None, help="Top-k column codec (default: the current default codec).")
 @click.option("--no-target", is_flag=True, help="Leave the target's own distribution out (plain distillation).")
+@click.option("--alm-source", default="", type=click.Path(file_okay=False),
+              help="A source's topk dataset: also store the byte-aligned chunks and its chunk log-likelihoods "
+                   "(for train --loss alm).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @verify_option
 @with_executor
-def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, no_target, overwrite, quiet,
-         verify, executor, address, workers):
+def fuse(target, aligned, output, method, unit, metric, temperature, k_out, codec, no_target, alm_source, overwrite,
+         quiet, verify, executor, address, workers):
     """Fuse the target's distributions with aligned source distributions (MinCE, AvgCE)."""
     from fusedata.codec import DEFAULT_CODEC
     from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
@@ -220,14 +229,18 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
     config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
                         codec=codec or DEFAULT_CODEC, include_target=not no_target)
     job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet, verify=verify,
-                  log=lambda m: click.echo(m, err=True))
+                  log=lambda m: click.echo(m, err=True), alm_source=alm_source)
     run_fuse(job, _executor(executor, address, workers))
 
 
-def _train_default(name: str):
+def _train_config() -> type:
     from fusedata.train import TrainConfig
 
-    return config_default(TrainConfig, name)
+    return TrainConfig
+
+
+def _train_default(name: str):
+    return config_default(_train_config(), name)
 
 
 @main.command()
@@ -257,6 +270,12 @@ def _train_default(name: str):
 @click.option("--threads", default=_train_default("threads"))
 @click.option("--init-config", default=_train_default("init_config"), type=click.Path(dir_okay=False),
               help="Train a fresh model of this config JSON (e.g. a small student) with --model's tokenizer.")
+@click.option("--loss", type=click.Choice(list(config_field(_train_config(), "loss").metadata["choices"])),
+              default=_train_default("loss"), show_default=True,
+              help="Distillation term: sparse (cross-entropy toward the stored top-k or sampled target), "
+                   "uld (sorted probabilities) or alm (byte-chunk likelihoods; fuse with --alm-source).")
+@click.option("--alm-temperature", default=_train_default("alm_temperature"), show_default=True,
+              help="ALM: chunk log-likelihoods are divided by this before the binary KL.")
 @verify_option
 def train(data, model, output, **options):
     """Train the target on a fused dataset: λ·CLM + (1−λ)·distillation toward the fused top-k.

@@ -6,7 +6,12 @@ target: the stored top-k ids carry probabilities q_i and the tail carries t = 1 
     distill = −Σ_i q_i · log p(id_i) − t · log(1 − Σ_i p(id_i))
 
 computed by gathering the model's log-probs at the stored ids ([N, k]); no dense [B, T, V]
-target is ever built. λ = 1 is plain causal-LM training with the very same command.
+target is ever built. λ = 1 is plain causal-LM training with the very same command. On a
+dataset of sampled targets (`extract --targets sampled:N`) the same loss is the cross-entropy
+toward the empirical distribution of the draws (its tail is 0), an unbiased estimate of the
+full-distribution loss. `loss="uld"` and `loss="alm"` replace the distillation term by the
+losses of fusedata/losses.py, which need no vocabulary map: ULD compares sorted probabilities,
+ALM the likelihoods of byte chunks (the chunk columns `fuse --alm-source` writes).
 
 The loop reads top to bottom: stream batches → forward → loss → backward (accumulate) → clip →
 AdamW step with warm-up + cosine decay → log → checkpoint. Data order is a pure function of
@@ -40,11 +45,12 @@ import pyarrow.compute as pc
 
 from fusedata.codec import decode_topk
 from fusedata.dataset import atomic_write_text, open_dataset, read_shard
-from fusedata.errors import OptionError, UsageError
+from fusedata.errors import OptionError, UsageError, choice
 from fusedata.topk import PAD_ID
 from schemas.manifest import Manifest
 
 STATE_NAME = "trainer_state.json"
+LOSSES = ("sparse", "uld", "alm")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0
     init_config: str = ""  # a model config JSON: train a fresh model of it (seeded weights), tokenizer of `model`
+    # the distillation term: "sparse" (cross-entropy toward the stored top-k or sampled target),
+    # "uld" (sorted probabilities, fusedata/losses.py) or "alm" (byte-chunk likelihoods; needs chunk columns)
+    loss: str = field(default="sparse", metadata={"choices": LOSSES})
+    alm_temperature: float = 1.0  # ALM: chunk log-likelihoods are divided by this before the binary KL
     # check each data shard against its manifest sha256 (--no-verify: False); not part of the run's identity.
     # A pipeline sets it from its own `verify`, so it is no key of the [train] section.
     verify: bool = field(default=True, metadata={"internal": True})
@@ -88,6 +98,8 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("clip", self.clip > 0, "must be > 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            choice("loss", self.loss, LOSSES),
+            ("alm_temperature", math.isfinite(self.alm_temperature) and self.alm_temperature > 0, "must be > 0"),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -109,12 +121,20 @@ class Batch:
     topk_q: Any | None  # float [B, T-1, k]
     tail: Any | None  # float [B, T-1]
     tokens: int
+    chunk_of: Any | None = None  # long [B, T-1]: the ALM chunk of each position (-1: none), batch-wide numbering
+    chunk_teacher: Any | None = None  # float [C]: each chunk's teacher log-likelihood
 
 
-def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, Any]]:
-    """The windows of one fused shard: input_ids, labels, and the sparse target."""
+CHUNK_COLUMNS = ("chunk_start", "chunk_end", "chunk_teacher_ll")
+
+
+def shard_windows(data_dir: str, shard: str, need_topk: bool, need_chunks: bool = False) -> list[dict[str, Any]]:
+    """The windows of one fused shard: input_ids, labels, the sparse target, and (ALM) the chunks."""
     path = Path(data_dir) / shard
     table = read_shard(path)
+    if need_chunks and not set(CHUNK_COLUMNS) <= set(table.column_names):
+        raise UsageError(f"{path}: no ALM chunk columns ({', '.join(CHUNK_COLUMNS)}); "
+                         "fuse the dataset with --alm-source to train with --loss alm")
     vocab = Manifest.read(data_dir).run.get("vocab_size")
     for column in ("input_ids", "labels"):
         values = pc.list_flatten(table.column(column))
@@ -134,6 +154,9 @@ def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, 
             s = slice(int(off[i]), int(off[i + 1]))
             row["topk_ids"], row["topk_lp"], row["tail"] = topk.ids[s], topk.logprobs[s], topk.tail_mass[s]
         rows.append(row)
+    if need_chunks:
+        for row, *chunks in zip(rows, *(table.column(c).to_pylist() for c in CHUNK_COLUMNS), strict=True):
+            row["chunks"] = chunks  # [starts, ends, teacher log-likelihoods], positions of this window
     return rows
 
 
@@ -182,6 +205,7 @@ class ShardSource:
     data_dir: str
     kind: str = "fused"
     need_topk: bool = False
+    need_chunks: bool = False  # ALM
     tokenizer: Any = None  # sft only
     max_length: int = 1024  # sft only
     _last: tuple[str, list[dict[str, Any]]] | None = field(default=None, repr=False)
@@ -191,7 +215,7 @@ class ShardSource:
             if self.kind == "sft":
                 rows = sft_rows(self.data_dir, shard, self.tokenizer, self.max_length)
             else:
-                rows = shard_windows(self.data_dir, shard, self.need_topk)
+                rows = shard_windows(self.data_dir, shard, self.need_topk, self.need_chunks)
             self._last = (shard, rows)
         return self._last[1]
 
@@ -254,7 +278,7 @@ def micro_batches(source: ShardSource, shards: list[str], cfg: TrainConfig,
         epoch += 1
 
 
-def collate(rows: list[dict[str, Any]], with_topk: bool) -> Batch:
+def collate(rows: list[dict[str, Any]], with_topk: bool, with_chunks: bool = False) -> Batch:
     import torch
 
     B, T = len(rows), max(len(r["input_ids"]) for r in rows)
@@ -277,7 +301,16 @@ def collate(rows: list[dict[str, Any]], with_topk: bool) -> Batch:
             tk_ids[b, : n - 1] = tid.masked_fill(pad, 0)
             tk_q[b, : n - 1] = q.masked_fill(pad, 0.0)
             tail[b, : n - 1] = torch.from_numpy(r["tail"].astype(np.float32))
-    return Batch(ids, att, labels, tk_ids, tk_q, tail, int(att.sum()))
+    chunk_of = chunk_teacher = None
+    if with_chunks:
+        chunk_of = torch.full((B, T - 1), -1, dtype=torch.long)
+        teacher: list[float] = []
+        for b, r in enumerate(rows):
+            for start, end, ll in zip(*r["chunks"], strict=True):
+                chunk_of[b, start:end] = len(teacher)
+                teacher.append(ll)
+        chunk_teacher = torch.tensor(teacher, dtype=torch.float32)
+    return Batch(ids, att, labels, tk_ids, tk_q, tail, int(att.sum()), chunk_of, chunk_teacher)
 
 
 def sparse_distill_loss(logp_k: Any, topk_q: Any, tail: Any) -> Any:
@@ -302,27 +335,38 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def compute_loss(model: Any, batch: Batch, lam: float) -> tuple[Any, dict[str, float]]:
-    """λ·CLM + (1−λ)·distill, both averaged over the batch's real positions. One log-softmax
-    and one gather serve both terms, so distillation costs little over plain CLM."""
+def compute_loss(model: Any, batch: Batch, lam: float, loss: str = "sparse",
+                 alm_temperature: float = 1.0) -> tuple[Any, dict[str, float]]:
+    """λ·CLM + (1−λ)·distill, CLM and the sparse/ULD terms averaged over the batch's real
+    positions, ALM over its chunks. One log-softmax and one gather serve both terms, so
+    distillation costs little over plain CLM."""
     import torch
+
+    from fusedata.losses import alm_loss, uld_loss
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]  # [B, T-1, V]
     mask = batch.labels != -100  # [B, T-1]
     n = mask.sum().clamp(min=1)
     logp = torch.log_softmax(logits[mask].float(), dim=-1)  # [N, V]
     index = batch.labels[mask][:, None]  # [N, 1]
-    if lam < 1.0:
+    sparse = lam < 1.0 and loss == "sparse"
+    if sparse:
         index = torch.cat([index, batch.topk_ids[mask]], dim=1)  # [N, 1+k]
     picked = logp.gather(1, index)  # [N, 1+k]
     clm = -picked[:, 0].sum() / n
     parts = {"clm": float(clm.detach())}
-    loss = clm
+    total = clm
     if lam < 1.0:
-        distill = sparse_distill_loss(picked[:, 1:], batch.topk_q[mask], batch.tail[mask]) / n
-        loss = lam * clm + (1 - lam) * distill
+        if loss == "uld":
+            distill = uld_loss(logp, batch.topk_q[mask], batch.tail[mask]) / n
+        elif loss == "alm":
+            chunks = max(int(batch.chunk_teacher.numel()), 1)
+            distill = alm_loss(picked[:, 0], batch.chunk_of[mask], batch.chunk_teacher, alm_temperature) / chunks
+        else:
+            distill = sparse_distill_loss(picked[:, 1:], batch.topk_q[mask], batch.tail[mask]) / n
+        total = lam * clm + (1 - lam) * distill
         parts["distill"] = float(distill.detach())
-    return loss, parts
+    return total, parts
 
 
 def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, Any]:
@@ -374,7 +418,9 @@ def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, 
         torch.set_rng_state(torch.load(out / "rng.pt", weights_only=True))
 
     shards = [sh.name for sh in manifest.shards]
-    source = ShardSource(cfg.data, manifest.kind, cfg.lam < 1.0, tokenizer, cfg.max_length)
+    distil = cfg.lam < 1.0
+    source = ShardSource(cfg.data, manifest.kind, distil and cfg.loss != "alm", distil and cfg.loss == "alm",
+                         tokenizer, cfg.max_length)
     plan = list(epoch_plan(source, shards, cfg.batch_tokens, cfg.seed, 0))
     per_epoch = sum(len(b) for _, b in plan)
     if not per_epoch:
@@ -401,8 +447,8 @@ def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, 
         optim.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            batch = _to_device(collate(next(stream), cfg.lam < 1.0), cfg.device)
-            loss, parts = compute_loss(model, batch, cfg.lam)
+            batch = _to_device(collate(next(stream), source.need_topk, source.need_chunks), cfg.device)
+            loss, parts = compute_loss(model, batch, cfg.lam, cfg.loss, cfg.alm_temperature)
             (loss / cfg.grad_accum).backward()
             tokens += batch.tokens
             for key, v in {"loss": float(loss.detach()), **parts}.items():

@@ -29,7 +29,20 @@ BASE_FIELDS = [
 ]
 
 
-def fused_schema(codec_fields: list[pa.Field], codec_metadata: dict[bytes, bytes], k: int, candidates: list[str]) -> pa.Schema:
+CHUNKS = "ALM (`fuse --alm-source`): each byte-aligned chunk's positions [start, end)"
+# written only by `fuse --alm-source` (the ALM loss's input), after the codec's columns
+CHUNK_FIELDS = [
+    column("chunk_start", pa.list_(pa.int32()), CHUNKS, "[C]"),
+    column("chunk_end", pa.list_(pa.int32()), CHUNKS, "[C]"),
+    column("chunk_teacher_ll", pa.list_(pa.float32()),
+           "ALM (`fuse --alm-source`): the source's log-likelihood (nats) of each chunk, from its stored gold log-probs",
+           "[C]"),
+]
+
+
+def fused_schema(codec_fields: list[pa.Field], codec_metadata: dict[bytes, bytes], k: int, candidates: list[str],
+                 chunks: bool = False) -> pa.Schema:
     extra = dict(codec_metadata)
     extra[CANDIDATES_KEY] = json.dumps(candidates).encode()
-    return with_kind(pa.schema(BASE_FIELDS + list(codec_fields)), "fused", FUSED_SCHEMA_VERSION, extra, k)
+    fields = BASE_FIELDS + list(codec_fields) + (CHUNK_FIELDS if chunks else [])
+    return with_kind(pa.schema(fields), "fused", FUSED_SCHEMA_VERSION, extra, k)

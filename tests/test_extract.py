@@ -407,3 +407,132 @@ def test_identity_names_what_changes_output(tiny_llama, tiny_gemma):
 def test_empty_docs_table_gives_empty_output(tiny_llama):
     stage, table = _run_stage(tiny_llama, pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
     assert table.num_rows == 0 and table.schema.equals(stage.schema)
+
+
+# -- sampled targets (--targets sampled:N) -------------------------------------------------------
+def _sampled_stage(folder: Path, n: int, **kw) -> ExtractStage:
+    kw.setdefault("codec", "raw")
+    return ExtractStage(ExtractConfig(model=str(folder), targets=f"sampled:{n}", max_length=24, **kw))
+
+
+def test_sampled_targets_are_unbiased(tiny_llama, references):
+    """The mean of many sampled targets of one window converges to the model's full distribution.
+
+    M sets of N draws of a position hold C_i ~ Binomial(NM, π_i) draws of id i, π_i = p_i / (1 − p1)
+    (the top-1 is exact), and the mean estimate is (1 − p1)·C_i / NM. Tolerances from that variance:
+    every id within a Bernstein bound at a total false-alarm rate of 1e-6, and the chi-square
+    statistic Σ (C − E)² / E over all ids within 6 of its standard deviation (Poisson: 2 + 1/E per
+    term), which a biased estimator (e.g. a truncated top-k) fails by far."""
+    n_draws, sets = 16, 100
+    stage = _sampled_stage(tiny_llama, n_draws)
+    stage.setup()
+    (window,) = stage.windows(_docs([{"id": "a", "text": "The lighthouse keeper wrote the weather."}]))
+    p = torch.exp(references[tiny_llama].logprobs(window.ids.tolist())[:-1]).numpy()  # [P, V]
+    P = len(p)
+    topk = TopK.concat(stage.forward([window.ids] * sets, seeds=list(range(sets))))  # one batch of M copies
+    np.testing.assert_array_equal(topk.tail_mass, 0.0)
+    q = np.where(topk.ids >= 0, np.exp(topk.logprobs.astype(np.float64)), 0.0)  # [M*P, k]
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)  # each set is a whole distribution
+    rows = np.repeat(np.arange(sets * P) % P, topk.k)
+    mean = np.zeros_like(p)
+    valid = topk.ids.ravel() >= 0
+    np.add.at(mean, (rows[valid], topk.ids.ravel()[valid]), q.ravel()[valid] / sets)
+    top1 = p.argmax(1)
+    p1 = p[np.arange(P), top1][:, None]  # [P, 1]
+    np.testing.assert_allclose(mean[np.arange(P), top1], p1[:, 0], atol=1e-6)  # exact, not estimated
+    others = np.ones_like(p, bool)
+    others[np.arange(P), top1] = False
+    draws = n_draws * sets
+    pi = p / (1 - p1)  # [P, V] the distribution draws come from
+    counts = np.rint(mean * draws / (1 - p1))  # C_i, recovered from the stored probabilities
+    expected = draws * pi
+    log_term = np.log(2 * others.sum() / 1e-6)
+    tol = log_term / 3 + np.sqrt(log_term**2 / 9 + 2 * expected * (1 - pi) * log_term)  # Bernstein, in counts
+    assert np.all(np.abs(counts - expected)[others] <= tol[others])
+    chi2 = ((counts - expected) ** 2 / expected)[others]
+    z = (chi2.sum() - (1 - pi[others]).sum()) / np.sqrt((2 + 1 / expected[others]).sum())
+    assert abs(z) < 6, z
+    # and the estimate does average out: the M-set mean is much closer than one set
+    one = np.zeros_like(p)
+    first = valid & (np.arange(valid.size) < P * topk.k)  # the first set's entries
+    np.add.at(one, (rows[first], topk.ids.ravel()[first]), q.ravel()[first])
+    assert np.abs(mean - p).sum(1).mean() < 0.25 * np.abs(one - p).sum(1).mean()
+
+
+def test_sampled_targets_are_reproducible_by_window(tiny_llama, references, corpus_docs):
+    docs = _docs(corpus_docs)
+    one = _sampled_stage(tiny_llama, 6, batch_tokens=1)(docs)  # one window per batch
+    many = _sampled_stage(tiny_llama, 6, batch_tokens=100_000)(docs)
+    other = _sampled_stage(tiny_llama, 6, sample_seed=1)(docs)
+    a, b, c = (TopK.concat(_decode(t, 7)) for t in (one, many, other))
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert (a.ids != c.ids).any()
+    # the top-1 id carries its exact probability; the gold log-prob is the model's
+    for w, ids in zip(_decode(one, 7), one.column("input_ids").to_pylist(), strict=True):
+        ref = references[tiny_llama].logprobs(ids)[:-1].numpy()  # [P, V]
+        top1 = ref.argmax(1)
+        at = (w.ids == top1[:, None]).argmax(1)
+        np.testing.assert_allclose(w.logprobs[np.arange(len(at)), at], ref[np.arange(len(at)), top1], atol=1e-4)
+        np.testing.assert_allclose(w.gold_logprob, ref[np.arange(len(ref)), ids[1:]], atol=1e-4)
+        assert (np.diff(w.logprobs, axis=1)[np.isfinite(w.logprobs[:, 1:])] <= 1e-6).all()  # sorted descending
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("sampled", "number of draws"), ("sampled:0", ">= 1"), ("beam:3", "topk:K or sampled:N"), ("topk:5", "disagrees"),
+])
+def test_targets_option_is_checked(targets, message):
+    from fusedata.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        ExtractConfig(model="m", targets=targets, top_k=7)
+
+
+def test_targets_option_normalises_top_k():
+    assert ExtractConfig(model="m").targets == "topk:10"
+    assert ExtractConfig(model="m", targets="topk:5").top_k == 5
+    sampled = ExtractConfig(model="m", targets="sampled:12")
+    assert (sampled.top_k, sampled.sample_n) == (13, 12)
+    from fusedata.errors import OptionError
+
+    with pytest.raises(OptionError, match="hf backend"):
+        ExtractConfig(model="m", targets="sampled:12", backend="vllm")
+
+
+def test_sampled_targets_through_align_fuse_and_train(tiny_llama, tiny_gemma, spine, corpus_file, tmp_path):
+    """A sampled source aligns onto a top-k target; fusing it with the target's top-k is refused
+    by name, fusing it alone works; the trainer's loss is the cross-entropy toward the draws."""
+    from fusedata.stages.align import AlignConfig, AlignJob, run_align
+    from fusedata.stages.extract import ExtractJob, run_extract
+    from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
+    from fusedata.train import collate, compute_loss, shard_windows
+
+    quiet = {"quiet": True, "log": lambda m: None}
+    manifest = run_extract(ExtractJob([str(corpus_file)], str(tmp_path / "topk-gemma"),
+                                      ExtractConfig(model=str(tiny_gemma), targets="sampled:8", max_length=24),
+                                      docs_per_shard=2, **quiet))
+    assert (manifest.run["targets"], manifest.run["top_k"]) == ("sampled:8", 9)
+    run_align(AlignJob(str(spine / "topk/llama"), str(tmp_path / "topk-gemma"), str(tmp_path / "aligned"),
+                       AlignConfig(cache_dir=str(spine / "vocab")), **quiet))
+    with pytest.raises(UsageError, match="cannot fuse sampled with top-k"):
+        run_fuse(FuseJob(str(spine / "topk/llama"), [str(tmp_path / "aligned")], str(tmp_path / "mixed"), **quiet))
+    run_fuse(FuseJob(str(spine / "topk/llama"), [str(tmp_path / "aligned")], str(tmp_path / "fused"),
+                     FuseConfig(include_target=False), **quiet))
+    from fusedata.models.spec import ModelRef, load_model
+
+    model = load_model(ModelRef("tiny", str(tiny_llama)))
+    rows = shard_windows(str(tmp_path / "fused"), "shard-00000.parquet", need_topk=True)[:2]
+    batch = collate(rows, with_topk=True)
+    _, parts = compute_loss(model, batch, lam=0.5)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1].double(), -1)
+    want, n = 0.0, 0
+    for b, r in enumerate(rows):
+        q = np.where(r["topk_ids"] >= 0, np.exp(r["topk_lp"].astype(np.float64)), 0.0)  # [P, k] the empirical target
+        np.testing.assert_allclose(q.sum(1)[np.asarray(r["tail"]) == 0], 1.0, atol=0.05)  # mapped draws: no tail
+        ids = np.maximum(r["topk_ids"], 0)
+        want -= float((q * logp[b, : len(q)].numpy()[np.arange(len(q))[:, None], ids]).sum())
+        want -= float((np.asarray(r["tail"], np.float64) * np.log1p(-(np.exp(
+            logp[b, : len(q)].numpy()[np.arange(len(q))[:, None], ids]) * (q > 0)).sum(1).clip(max=1 - 1e-6))).sum())
+        n += len(q)
+    assert parts["distill"] == pytest.approx(want / n, rel=1e-4)

@@ -170,7 +170,8 @@ def reproduce_commands(manifest: Manifest, codec_name: str) -> list[str]:
     shared = {"top_k": run.get("top_k"), "max_length": run.get("max_length")
               or (run.get("target") or {}).get("max_length")}
     if manifest.kind == "topk":
-        own = {"dtype": run.get("dtype"), "codec": codec_name, "backend": run.get("backend")}
+        own = {"dtype": run.get("dtype"), "codec": codec_name, "backend": run.get("backend"),
+               "targets": run.get("targets"), "sample_seed": run.get("sample_seed")}  # sampled targets only
         return [extract(run.get("model"), shared | {k: v for k, v in own.items() if v is not None})]
     target = (run.get("target") or {}).get("model")
     if manifest.kind == "aligned":

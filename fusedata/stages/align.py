@@ -94,7 +94,8 @@ class AlignStage(Stage):
             "target": target_identity(target),
             "target_run": run_digest(target),
             "source": {"model": source["model"], "tokenizer_hash": source["tokenizer_hash"],
-                       "model_hash": source["model_hash"], "licence": source.get("licence")},
+                       "model_hash": source["model_hash"], "licence": source.get("licence"),
+                       **({"targets": source["targets"]} if "targets" in source else {})},  # sampled: fuse checks kinds
             "source_run": run_digest(source),
             "align": {k: v for k, v in self.config.__dict__.items() if k != "cache_dir"},
             "top_k": source["top_k"],

@@ -6,6 +6,14 @@ to a fixed length (windows are batched by a token budget, padded only to the lon
 of their batch) and computes the LM head in chunks of positions, so a 262k vocabulary never
 materialises a [B, T, V] logits tensor. Given an `ExtractJob` (the corpus and the output) it is
 also a dataset stage (fusedata/stages/base.py): one shard per `docs_per_shard` documents.
+
+Targets (`targets`): "topk:K" (the default, K = top_k) keeps the K most probable ids; "sampled:N"
+keeps an unbiased estimate of the whole distribution instead (Sparse Logit Sampling): the model's
+top-1 id with its exact probability p1, and N draws from the rest of the distribution
+(renormalised, p_i / (1 − p1)), stored as the distinct ids with probability (1 − p1)·count/N.
+Every id's expected stored probability is its true one; see `sample_targets`. Draws come from a
+generator seeded per window (the seed, the document id and the window number), so a rerun, a
+resumed run or another batching gives the same draws.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import pyarrow.parquet as pq
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.corpus import CorpusStats, corpus_hash, expand_inputs, read_corpus, shard_docs
 from fusedata.dataset import DatasetDir, shard_name
-from fusedata.errors import UsageError, check_options, field_choices
+from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.models.spec import (
     ModelRef,
     load_config,
@@ -33,7 +41,7 @@ from fusedata.models.spec import (
     weights_hash,
 )
 from fusedata.stages.base import Resources, Stage, Task
-from fusedata.topk import TopK, tail_mass
+from fusedata.topk import PAD_ID, TopK, merge_sparse, tail_mass
 from fusedata.windows import Window, batch_by_budget, tokenize_windows
 from schemas.manifest import Manifest
 from schemas.topk import topk_schema
@@ -62,8 +70,17 @@ class ExtractConfig:
     vllm_kv_cache_gb: float = 1.0  # vLLM KV cache size
     vllm_threads: str = ""  # vLLM CPU cores to bind, e.g. "0-3" (default: all this process may use)
     vllm_batch_tokens: int = 0  # vLLM tokens per engine step (0: 2048 on CPU, vLLM's default on GPU)
+    # "topk:K" (or "": top_k's K) or "sampled:N"; with sampled:N, top_k becomes N + 1 (the entries stored)
+    targets: str = ""
+    sample_seed: int = 0  # sampled targets: the seed every window's generator is derived from
 
     def __post_init__(self) -> None:
+        kind, n = parse_targets(self.targets, self.top_k)
+        if kind == "sampled":
+            check_options([("backend", self.backend == "hf", "sampled targets need the hf backend (vLLM returns "
+                                                               "only the top log-probs, not the whole distribution)")])
+        object.__setattr__(self, "top_k", n + 1 if kind == "sampled" else n)  # frozen: normalised once, here
+        object.__setattr__(self, "targets", f"{kind}:{n}")
         # top_k against the vocabulary is checked once the tokenizer is loaded (ExtractStage.prepare)
         check_options([
             *field_choices(self),
@@ -77,9 +94,66 @@ class ExtractConfig:
              f"must be >= 0 (0: the default), got {self.vllm_batch_tokens}"),
         ])
 
+    @property
+    def sample_n(self) -> int:
+        """Draws per position (0: top-k targets)."""
+        kind, n = self.targets.split(":")
+        return int(n) if kind == "sampled" else 0
+
     def wants_gpu(self) -> bool:
         """A CUDA model or a vLLM engine: on Ray, each worker asks for a GPU where there are some."""
         return self.device.startswith("cuda") or self.backend == "vllm"
+
+
+def parse_targets(spec: str, top_k: int) -> tuple[str, int]:
+    """("topk", K) or ("sampled", N) from "topk:K" / "sampled:N" ("" and "topk": K = top_k)."""
+    kind, _, count = (spec or "topk").partition(":")
+    if kind not in ("topk", "sampled"):
+        raise OptionError("targets", f"must be topk:K or sampled:N, got {spec!r}")
+    if not count:
+        if kind == "sampled":
+            raise OptionError("targets", "sampled needs a number of draws, e.g. sampled:12")
+        return kind, top_k
+    if not count.isdigit() or int(count) < 1:
+        raise OptionError("targets", f"the count must be a whole number >= 1, got {spec!r}")
+    if kind == "topk" and int(count) != top_k and top_k != 10:  # 10: top_k's default, i.e. not given
+        raise OptionError("targets", f"{spec} disagrees with top_k {top_k}; give one of them")
+    return kind, int(count)
+
+
+def window_seed(seed: int, doc_id: str, window: int) -> int:
+    """The seed of one window's sampling generator: a function of what the window is, not of
+    where it lands in a batch or a shard."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}\x00{doc_id}\x00{window}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_targets(logp: Any, uniforms: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled targets of positions from their full log-softmax.
+
+    logp float [C, V]; uniforms float64 [C, N] in [0, 1). Returns ids int32 [C, N+1] and probs
+    float64 [C, N+1] (PAD_ID / 0 where fewer ids are distinct), sorted by probability descending.
+
+    Estimator: p̂_top1 = p_top1 (exact); for every other id i, p̂_i = (1 − p1)·c_i/N with
+    c ~ Multinomial(N, p_i / (1 − p1)) (inverse-CDF draws from the distribution without its
+    top-1). E[p̂_i] = p_i (unbiased) and Var[p̂_i] = p_i (1 − p1 − p_i) / N, below the
+    p_i (1 − p_i) / N of plain sampling; Σ p̂ = 1 exactly, so there is no tail.
+    """
+    import torch
+
+    p = torch.exp(logp.double())  # [C, V]
+    p1, top1 = p.max(dim=-1)  # [C]
+    rest = p.scatter(1, top1[:, None], 0.0)  # [C, V] the distribution without its top-1
+    cdf = rest.cumsum(-1)  # [C, V]
+    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp(max=p.shape[1] - 1)  # [C, N]
+    n, draws_per = draws.shape
+    weight = ((1.0 - p1) / draws_per).cpu().numpy()  # [C] the probability one draw stands for
+    rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), draws_per)])
+    ids = np.concatenate([top1.cpu().numpy(), draws.cpu().numpy().ravel()])
+    probs = np.concatenate([p1.cpu().numpy(), np.repeat(weight, draws_per)])
+    return merge_sparse(rows, ids, probs, n, draws_per + 1)
 
 
 @dataclass(frozen=True)
@@ -206,7 +280,15 @@ class ExtractStage(Stage):
             "dtype": self.config.dtype,
             "codec": self.codec.spec(),
             **backend,
+            **self.targets_identity(),
         }
+
+    def targets_identity(self) -> dict[str, Any]:
+        """Sampled targets are recorded in the run (so readers know the kind); top-k adds nothing,
+        so existing top-k runs keep their identity."""
+        if not self.config.sample_n:
+            return {}
+        return {"targets": self.config.targets, "sample_seed": self.config.sample_seed}
 
     def identity(self) -> dict[str, Any]:
         """The run record: the model's identity, and with a job the corpus and its sharding."""
@@ -271,8 +353,10 @@ class ExtractStage(Stage):
         # vLLM schedules its own batches: handing it many windows per call keeps its engine busy
         # (small calls are slower; benchmarks/extract.py --vllm measures it)
         budget = max(self.batch_tokens(), VLLM_CALL_TOKENS) if self.engine is not None else self.batch_tokens()
+        doc_ids = docs.column("doc_id").to_pylist()
         for batch in batch_by_budget([len(w.ids) for w in wins], budget):
-            for i, topk in zip(batch, self.forward([wins[i].ids for i in batch]), strict=True):
+            seeds = [window_seed(self.config.sample_seed, doc_ids[wins[i].doc], wins[i].index) for i in batch]
+            for i, topk in zip(batch, self.forward([wins[i].ids for i in batch], seeds), strict=True):
                 per_window[i] = topk
             if on_tokens is not None:
                 on_tokens(sum(len(wins[i].ids) for i in batch))
@@ -284,8 +368,9 @@ class ExtractStage(Stage):
             return self.config.batch_tokens
         return CPU_BATCH_TOKENS if self.config.device == "cpu" else GPU_BATCH_TOKENS
 
-    def forward(self, seqs: list[np.ndarray]) -> list[TopK]:
-        """Top-k distributions of a batch of token sequences (right-padded to the longest)."""
+    def forward(self, seqs: list[np.ndarray], seeds: list[int] | None = None) -> list[TopK]:
+        """Top-k (or sampled) distributions of a batch of token sequences (right-padded to the
+        longest); `seeds`, one per sequence, seed the sampled targets' draws."""
         if self.engine is not None:
             return self.engine.topk(seqs, self.config.top_k)
         import torch
@@ -303,17 +388,25 @@ class ExtractStage(Stage):
             has_next = mask[:, 1:].bool()  # [B, T-1] position t predicts token t+1
             h = hidden[:, :-1][has_next]  # [N, H] row-major: window by window
             labels = ids[:, 1:][has_next]  # [N]
-            topk = self.head_topk(h, labels)
+            uniforms = None
+            if self.config.sample_n:
+                seeds = seeds if seeds is not None else list(range(len(seqs)))
+                uniforms = torch.cat([torch.rand((n - 1, self.config.sample_n), dtype=torch.float64,
+                                                 generator=torch.Generator().manual_seed(s))
+                                      for n, s in zip(lengths, seeds, strict=True)]).to(h.device)  # [N, draws]
+            topk = self.head_topk(h, labels, uniforms)
         topk.lengths = np.asarray([n - 1 for n in lengths], dtype=np.int64)
         return [topk.window(i) for i in range(len(seqs))]
 
-    def head_topk(self, h: Any, labels: Any) -> TopK:
-        """LM head over chunks of positions: top-k log-probs, gold log-prob, tail mass."""
+    def head_topk(self, h: Any, labels: Any, uniforms: Any = None) -> TopK:
+        """LM head over chunks of positions: top-k log-probs, gold log-prob, tail mass; with
+        `uniforms` float64 [N, draws], sampled targets instead of the top-k (`sample_targets`)."""
         import torch
 
         head = self.model.get_output_embeddings()
         k = self.config.top_k
-        chunk = max(1, self.config.lm_head_floats // self.vocab_size)
+        # sampling holds three float64 [C, V] arrays (probabilities, the rest, its CDF): smaller chunks
+        chunk = max(1, self.config.lm_head_floats // self.vocab_size // (4 if uniforms is not None else 1))
         n = h.shape[0]
         ids = np.empty((n, k), dtype=np.int32)
         lps = np.empty((n, k), dtype=np.float32)
@@ -323,11 +416,19 @@ class ExtractStage(Stage):
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [C, 1]
-            values, top = logits.topk(k, dim=-1)  # [C, k] sorted descending
-            ids[s : s + chunk] = top.cpu().numpy()
-            lps[s : s + chunk] = (values - lse).cpu().numpy()
+            if uniforms is not None:
+                s_ids, s_p = sample_targets(logits - lse, uniforms[s : s + chunk])  # [C, k]
+                ids[s : s + chunk] = s_ids
+                with np.errstate(divide="ignore"):
+                    lps[s : s + chunk] = np.where(s_ids == PAD_ID, -np.inf, np.log(s_p))
+            else:
+                values, top = logits.topk(k, dim=-1)  # [C, k] sorted descending
+                ids[s : s + chunk] = top.cpu().numpy()
+                lps[s : s + chunk] = (values - lse).cpu().numpy()
             gold[s : s + chunk] = (logits.gather(1, labels[s : s + chunk, None]) - lse)[:, 0].cpu().numpy()
-        return TopK(ids, lps, gold, tail_mass(lps), np.asarray([n], dtype=np.int64))
+        # sampled targets sum to 1 by construction: no tail
+        tail = np.zeros(n, np.float32) if uniforms is not None else tail_mass(lps)
+        return TopK(ids, lps, gold, tail, np.asarray([n], dtype=np.int64))
 
     def _check_head(self) -> None:
         """Refuse an architecture whose logits are not lm_head(last hidden state) (+softcap):

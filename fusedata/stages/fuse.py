@@ -3,6 +3,14 @@
 Shards follow the target's: `aligned/` datasets are written with the target's shard names and
 row order, so shard i of every input holds the same windows. Inputs made against a different
 target (tokenizer, corpus, windows) are refused before any work, with what differs.
+
+With `alm_source` (a source's topk dataset, `fuse --alm-source`), every fused row also carries
+the byte-aligned chunks of the target window against that source and the source's chunk
+log-likelihoods (fusedata/chunks.py), which `train --loss alm` reads: no vocabulary map needed.
+
+Sampled targets (`extract --targets sampled:N`) fuse like top-k ones, as long as every candidate
+is of the same kind (a mixture of unbiased and top-k estimates is neither), and AvgCE keeps every
+entry of the mixture (--top-k below the candidates' total would cut it and bias it).
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fusedata.chunks import document_likelihoods, window_chunks
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.dataset import (
     DatasetDir,
@@ -80,6 +90,7 @@ class FuseJob:
     quiet: bool = False
     verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
+    alm_source: str = ""  # a source's topk dataset: write the ALM chunk columns against it
     names: dict[int, str] = field(default_factory=dict, init=False)  # candidate index -> the NAME given
 
     def __post_init__(self) -> None:
@@ -113,13 +124,38 @@ class FuseStage(Stage):
             raise UsageError("--no-target needs at least one --aligned source")
         self.k, self.vocab_size = int(self.target.run["top_k"]), int(self.target.run["vocab_size"])
         self.k_out = job.config.k_out or self.k
+        self._check_target_kinds()
+        self.alm = open_dataset(job.alm_source, "topk", verify=job.verify) if job.alm_source else None
+        if self.alm is not None and self.alm.run.get("corpus_hash") != self.target.run.get("corpus_hash"):
+            raise UsageError(f"{job.alm_source} and {job.target} were extracted from different corpora "
+                             "(corpus_hash differs)")
+        self.alm_index: dict[str, list[str]] = {}
         self.codec = get_codec(job.config.codec)
         self.codec.check_k(self.k_out)
         models = [self.target.run["model"]] * job.config.include_target + [m.run["source"]["model"] for m in self.sources]
         self.candidates = [job.names.get(i, model) for i, model in enumerate(models)]
         if len(set(self.candidates)) != len(self.candidates) and job.names:
             raise UsageError(f"candidate names must differ: {self.candidates}")
-        self.schema = fused_schema(self.codec.fields(), self.codec.metadata(), self.k_out, self.candidates)
+        self.base_schema = fused_schema(self.codec.fields(), self.codec.metadata(), self.k_out, self.candidates)
+        self.schema = fused_schema(self.codec.fields(), self.codec.metadata(), self.k_out, self.candidates,
+                                   chunks=self.alm is not None)
+
+    def _check_target_kinds(self) -> None:
+        """Refuse candidates of different target kinds (sampled vs top-k), and an AvgCE of sampled
+        targets cut to fewer entries than the mixture has (the cut would bias it)."""
+        runs = [(self.job.target, self.target.run)] * self.job.config.include_target
+        runs += [(p, m.run["source"]) for p, m in zip(self.job.aligned, self.sources, strict=True)]
+        kinds = {p: run.get("targets", "topk") for p, run in runs}
+        if len({v.partition(":")[0] for v in kinds.values()}) > 1:
+            shown = ", ".join(f"{p}: {v}" for p, v in kinds.items())
+            raise UsageError(f"cannot fuse sampled with top-k targets ({shown}); extract every candidate with the same "
+                             "--targets kind")
+        sampled = [p for p, v in kinds.items() if v.startswith("sampled")]
+        if len(sampled) > 1 and self.job.config.method == "avgce":
+            total = sum(int(run.get("targets").partition(":")[2]) + 1 for _, run in runs)
+            if self.k_out < total:
+                raise UsageError(f"AvgCE of sampled targets keeps every entry of the mixture: --top-k must be at "
+                                 f"least {total} (got {self.k_out}); a shorter list would bias the estimate")
 
     def identity(self) -> dict[str, Any]:
         target = self.target.run
@@ -140,24 +176,59 @@ class FuseStage(Stage):
             "docs_per_shard": target["docs_per_shard"],
             "model_hash": target["model_hash"],
             "model": target["model"],
+            **self._alm_identity(),
         }
 
+    def _alm_identity(self) -> dict[str, Any]:
+        """The ALM source, when there is one (a fuse without it keeps its identity)."""
+        if self.alm is None:
+            return {}
+        run = self.alm.run
+        return {"alm_source": {"model": run["model"], "tokenizer_hash": run["tokenizer_hash"],
+                               "model_hash": run["model_hash"]}, "alm_source_run": run_digest(run)}
+
     def inputs(self) -> list[str]:
-        return [self.job.target, *self.job.aligned]
+        return [self.job.target, *self.job.aligned] + ([self.job.alm_source] if self.alm is not None else [])
 
     def tasks(self) -> list[Task]:
+        if self.alm is not None:  # which ALM source shards hold each document (its windows may span several)
+            for s in self.alm.shards:
+                for d in set(read_shard(Path(self.job.alm_source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
+                    self.alm_index.setdefault(d, []).append(s.name)
         return [Task(s.name) for s in self.target.shards]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         target = read_shard(Path(self.job.target) / task.name)
         aligned = [read_shard(Path(d) / task.name) for d in self.job.aligned]
-        out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.schema)
+        out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.base_schema)
+        if self.alm is not None:
+            out = self.add_chunks(target, out)
         if on_tokens is not None:
             on_tokens(table_tokens(out))
         return out
 
+    def add_chunks(self, target: pa.Table, out: pa.Table) -> pa.Table:
+        """`out` with the ALM chunk columns: each target window's chunks against the source."""
+        docs = sorted(set(target.column("doc_id").to_pylist()))
+        source = {}
+        for name in sorted({n for d in docs for n in self.alm_index.get(d, [])}):
+            table = read_shard(Path(self.job.alm_source) / name)
+            table = table.filter(pc.is_in(table.column("doc_id"), pa.array(docs, pa.string())))
+            source |= merge_likelihoods(source, document_likelihoods(table, name))
+        cols: list[list[np.ndarray]] = [[], [], []]
+        for doc, ts, te in zip(target.column("doc_id").to_pylist(), target.column("token_start").to_pylist(),
+                               target.column("token_end").to_pylist(), strict=True):
+            for col, values in zip(cols, window_chunks(np.asarray(ts), np.asarray(te), source.get(doc)), strict=True):
+                col.append(values)
+        arrays = [out.column(name) for name in out.column_names]
+        arrays += [pa.array(col, type=f.type) for col, f in zip(cols, list(self.schema)[len(arrays):], strict=True)]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
-        return fused_stats(out, names, self.candidates)
+        result = fused_stats(out, names, self.candidates)
+        if self.alm is not None:
+            result["alm"] = chunk_stats(out, names)
+        return result
 
     def summary(self, manifest: Manifest) -> str:
         stats, cfg = manifest.stats, self.config
@@ -202,3 +273,35 @@ def fused_stats(out: DatasetDir, names: list[str], candidates: list[str]) -> dic
         "mean_weights": (weight_sum / max(positions, 1)).round(4).tolist(),
         "mean_candidate_ce": (ce_sum / max(positions, 1)).round(4).tolist(),
     }
+
+
+def merge_likelihoods(have: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Documents of one more source shard: a document split over shards gets its tokens joined."""
+    from fusedata.chunks import TokenLikelihoods
+
+    out = {}
+    for doc, t in new.items():
+        if doc in have:
+            old = have[doc]
+            s, e, lp = (np.concatenate(x) for x in ((old.start, t.start), (old.end, t.end), (old.logprob, t.logprob)))
+            order = np.argsort(s, kind="stable")
+            t = TokenLikelihoods(s[order], e[order], lp[order])
+        out[doc] = t
+    return out
+
+
+def chunk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
+    """ALM coverage read back from the shards: chunks, the share of positions inside one, and the
+    mean teacher log-likelihood per chunk."""
+    chunks = covered = positions = 0
+    ll = 0.0
+    for name in names:
+        t = pq.read_table(out.shard_path(name), columns=["labels", "chunk_start", "chunk_end", "chunk_teacher_ll"])
+        starts = t.column("chunk_start").combine_chunks().values.to_numpy(zero_copy_only=False)
+        ends = t.column("chunk_end").combine_chunks().values.to_numpy(zero_copy_only=False)
+        chunks += len(starts)
+        covered += int((ends - starts).sum())
+        positions += int(t.column("labels").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).sum())
+        ll += float(t.column("chunk_teacher_ll").combine_chunks().values.to_numpy(zero_copy_only=False).sum())
+    return {"chunks": chunks, "positions_in_chunks": round(covered / max(positions, 1), 4),
+            "tokens_per_chunk": round(covered / max(chunks, 1), 3), "mean_teacher_ll": round(ll / max(chunks, 1), 4)}
