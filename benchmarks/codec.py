@@ -104,7 +104,8 @@ def _parquet_groups(blob: bytes, group_of: Callable[[str], str]) -> dict[str, in
         g = meta.row_group(rg)
         for c in range(g.num_columns):
             col = g.column(c)
-            out[group_of(col.path_in_schema)] += col.total_compressed_size
+            name = group_of(col.path_in_schema)
+            out[name] = out.get(name, 0) + col.total_compressed_size
     return out
 
 
@@ -421,6 +422,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/codec_bench"), help="where extract output is kept")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--only", default="", help="measure only layouts whose name contains one of these |-separated texts")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "codec.json")
     ap.add_argument("--no-id-bounds", dest="id_bounds", action="store_false",
                     help="skip the (slow, pure Python) entropy estimates of the ids")
@@ -433,13 +435,17 @@ def main() -> None:
     ]
     if a.generate_only:
         return
+    warm = TopK(np.array([[3, 1]], np.int32), np.array([[-0.1, -3.0]], np.float32), np.array([-0.1], np.float32),
+                np.array([0.05], np.float32), np.array([1]))
+    get_codec("zq@2").decode(pa.table(get_codec("zq@2").encode(warm)), 2)  # numba compiles (or loads) outside the timings
     command = " ".join(["benchmarks/codec.py", *sys.argv[1:]])
     print(f"# top-k codec benchmark\n\ncommand: `{command}`; load before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results: dict[str, object] = {"command": command, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "runs": []}
     for model, load in sources:
         for k in a.k:
             t, vocab = load(k)
-            rows = [measure(lay, t, a.repeats) for lay in layouts(vocab, shard_windows[model])]
+            chosen = [lay for lay in layouts(vocab, shard_windows[model]) if any(o in lay.name for o in a.only.split("|"))]
+            rows = [measure(lay, t, a.repeats) for lay in chosen]
             print(table_md(f"{model} (V={vocab})", k, t.n_positions, len(t.lengths), rows), flush=True)
             results["runs"].append({"data": model, "vocab": vocab, "k": k, "positions": t.n_positions,
                                     "windows": len(t.lengths), "shards": len(shard_windows[model]),

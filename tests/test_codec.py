@@ -373,7 +373,8 @@ def test_v2_padding_entries_round_trip() -> None:
 
 
 def test_v2_largest_vocabulary_and_bad_ids() -> None:
-    t = synthetic_topk(n_windows=2, k=4, vocab=1 << 24, seed=5, max_len=30)
+    t = synthetic_topk(n_windows=2, k=4, vocab=262_144, seed=5, max_len=30)
+    t.ids[:, 0] = 262_144 + 7 * np.arange(t.n_positions)  # ids up to 2^24: distinct from the others
     t.ids[0, 0] = (1 << 24) - 2  # the largest id a zq column stores
     assert np.array_equal(roundtrip_parquet(v2(), t).ids, t.ids)
     t.ids[0, 0] = (1 << 24) - 1
