@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusedata.codec import get_codec  # noqa: E402
 from test_codec import synthetic_topk  # noqa: E402
+
+from fusedata.codec import get_codec  # noqa: E402
 
 HERE = Path(__file__).parent
 
