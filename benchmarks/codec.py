@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def extract_topk(model: str, n_tokens: int, cache: Path) -> Path:
 
 # -- data -------------------------------------------------------------------------------
 
-from fusedata.codec import decode_topk, get_codec  # noqa: E402
+from fusedata.codec import decode_topk, get_codec, zq2  # noqa: E402
 from fusedata.codec.zq import CHILDREN, COLUMN  # noqa: E402
 from fusedata.topk import TopK, tail_mass  # noqa: E402
 
@@ -103,7 +104,8 @@ def _parquet_groups(blob: bytes, group_of: Callable[[str], str]) -> dict[str, in
         g = meta.row_group(rg)
         for c in range(g.num_columns):
             col = g.column(c)
-            out[group_of(col.path_in_schema)] += col.total_compressed_size
+            name = group_of(col.path_in_schema)
+            out[name] = out.get(name, 0) + col.total_compressed_size
     return out
 
 
@@ -223,14 +225,55 @@ class CodecLayout:
         def group(path: str) -> str:
             if path.startswith(COLUMN + "."):
                 return _ZQ_GROUP[path.split(".")[1]]
+            if path.startswith(zq2.COLUMN + "."):
+                return "v2." + path.split(".")[1]
             return _list_group(path)
 
         g = _parquet_groups(blob, group)
         g["other"] += len(blob) - sum(g.values())
+        if isinstance(self.codec, zq2.ZqV2Codec):  # one stream: split it by each field's ideal code length
+            stream, model = g.pop("v2.stream", 0), g.pop("v2.model", 0)
+            g["other"] += g.pop("v2.hdr", 0)
+            bits = self.codec.field_bits(t)
+            for name, b in bits.items():
+                g[name] += stream * b / sum(bits.values())
+            mb = self.codec.model_bytes(t)
+            g["ids"] += model * mb["ids"] / sum(mb.values())
+            g["other"] += model * mb["other"] / sum(mb.values())
         return g, len(blob), blob
 
     def decode(self, blob: bytes, k: int) -> TopK:
         return self.codec.decode(pq.read_table(io.BytesIO(blob)), k)
+
+
+class PerShard:
+    """A layout applied to each real shard of the data on its own (as `fusedata extract` wrote
+    them): the per-shard model of zq v2 is learnt from, and paid for by, one shard at a time."""
+
+    def __init__(self, layout: CodecLayout, shard_windows: list[int]) -> None:
+        self.layout, self.shard_windows = layout, shard_windows
+        self.name = f"{layout.name}, per real shard ({len(shard_windows)} shards)"
+
+    def _parts(self, t: TopK) -> list[TopK]:
+        off, parts, w0 = t.offsets(), [], 0
+        for w in self.shard_windows:
+            s = slice(int(off[w0]), int(off[w0 + w]))
+            parts.append(TopK(t.ids[s], t.logprobs[s], t.gold_logprob[s], t.tail_mass[s], t.lengths[w0 : w0 + w]))
+            w0 += w
+        return parts
+
+    def encode(self, t: TopK) -> tuple[dict[str, float], int, list[bytes]]:
+        groups, total, blobs = dict.fromkeys(GROUPS, 0.0), 0, []
+        for part in self._parts(t):
+            g, n, blob = self.layout.encode(part)
+            for name, v in g.items():
+                groups[name] += v
+            total += n
+            blobs.append(blob)
+        return groups, total, blobs
+
+    def decode(self, blobs: list[bytes], k: int) -> TopK:
+        return TopK.concat([self.layout.decode(b, k) for b in blobs])
 
 
 # -- measurement ------------------------------------------------------------------------
@@ -270,19 +313,28 @@ def measure(layout: object, t: TopK, repeats: int) -> dict[str, object]:
             "enc_mbs": raw_mb / e, "dec_mbs": raw_mb / d, "enc_tps": n / e, "dec_tps": n / d}
 
 
-def layouts(vocab: int) -> list[object]:
+def layouts(vocab: int, shard_windows: list[int] | None = None) -> list[object]:
+    v1 = CodecLayout("zq", stats=False, label="**zq v1 default** (step 1/16, 1/4 below -8; zstd-6, no stats)")
+    v2 = CodecLayout("zq@2", stats=False, label="**zq v2 default** (rANS, sqrt-p grid 0.02; zstd-6, no stats)")
+    per_shard = [PerShard(v1, shard_windows), PerShard(v2, shard_windows)] if shard_windows and len(shard_windows) > 1 else []
     return [
         Reference(),
         PlainParquet(),
         BitPacked(vocab),
         CodecLayout("raw"),
         CodecLayout("zq", label="zq v1 default, writer defaults (zstd-6, statistics on)"),
-        CodecLayout("zq", stats=False, label="**zq v1 default** (step 1/16, 1/4 below -8; zstd-6, no stats)"),
+        v1,
         CodecLayout("zq", level=19, stats=False, label="zq v1 default, zstd-19, no stats"),
         CodecLayout("zq", stats=False, label="zq v1 step 1/8 uniform (zstd-6, no stats)", step=1 / 8,
                     coarse_step=1 / 8),
         CodecLayout("zq", stats=False, label="zq v1 step 1/32, 1/8 below -8 (zstd-6, no stats)", step=1 / 32,
                     coarse_step=1 / 8),
+        v2,
+        CodecLayout("zq@2", stats=False, label="zq v2, sqrt-p grid 0.015", sqrt_step=0.015),
+        CodecLayout("zq@2", stats=False, label="zq v2, sqrt-p grid 0.03, coarse 1", sqrt_step=0.03, coarse_step=1.0),
+        CodecLayout("zq@2", stats=False, label="zq v2, uniform grid 1/16, tail 1/32 (v1's error, rANS only)",
+                    sqrt_step=0.0, step=1 / 16, coarse_step=1 / 16, tail_step=1 / 32),
+        *per_shard,
     ]
 
 
@@ -370,25 +422,42 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/codec_bench"), help="where extract output is kept")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--only", default="", help="measure only layouts whose name contains one of these |-separated texts")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "codec.json")
     ap.add_argument("--no-id-bounds", dest="id_bounds", action="store_false",
                     help="skip the (slow, pure Python) entropy estimates of the ids")
     a = ap.parse_args()
     folder_of = {d.name: d for d in a.topk_dir} or {m: extract_topk(m, a.tokens, a.cache) for m in MODELS}
+    shard_windows = {name: [pq.read_metadata(f).num_rows for f in sorted(d.glob("shard-*.parquet"))]
+                     for name, d in folder_of.items()}
     sources: list[tuple[str, Callable[[int], tuple[TopK, int]]]] = [
         (name, lambda k, d=d: topk_from_extract(d, k)) for name, d in folder_of.items()
     ]
     if a.generate_only:
         return
-    print(f"# top-k codec benchmark\n\ncommand: `{' '.join(['benchmarks/codec.py', *sys.argv[1:]])}`")
+    warm = TopK(np.array([[3, 1]], np.int32), np.array([[-0.1, -3.0]], np.float32), np.array([-0.1], np.float32),
+                np.array([0.05], np.float32), np.array([1]))
+    get_codec("zq@2").decode(pa.table(get_codec("zq@2").encode(warm)), 2)  # numba compiles (or loads) outside the timings
+    command = " ".join(["benchmarks/codec.py", *sys.argv[1:]])
+    print(f"# top-k codec benchmark\n\ncommand: `{command}`; load before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    results: dict[str, object] = {"command": command, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "runs": []}
     for model, load in sources:
         for k in a.k:
             t, vocab = load(k)
-            rows = [measure(lay, t, a.repeats) for lay in layouts(vocab)]
+            chosen = [lay for lay in layouts(vocab, shard_windows[model]) if any(o in lay.name for o in a.only.split("|"))]
+            rows = [measure(lay, t, a.repeats) for lay in chosen]
             print(table_md(f"{model} (V={vocab})", k, t.n_positions, len(t.lengths), rows), flush=True)
+            results["runs"].append({"data": model, "vocab": vocab, "k": k, "positions": t.n_positions,
+                                    "windows": len(t.lengths), "shards": len(shard_windows[model]),
+                                    "load_after": os.getloadavg()[0], "layouts": rows})
             if k == 10 and a.id_bounds:
                 bounds = id_bounds(t, folder_of[model], vocab)
                 print(f"\n{model}, k=10: bytes per position for the ids alone\n\n| model of the ids | B/token |\n"
                       "|---|---:|\n" + "".join(f"| {name} | {b:.2f} |\n" for name, b in bounds.items()), flush=True)
+                results["runs"][-1]["id_bounds"] = bounds
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {a.json}")
 
 
 if __name__ == "__main__":

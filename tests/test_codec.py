@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusedata.codec import CodecError, codec_from_schema, get_codec
+from fusedata.codec import CodecError, codec_from_schema, decode_topk, get_codec, zq2
+from fusedata.codec.rans import SCALE, normalise
 from fusedata.codec.zq import CHILDREN, COLUMN, HDR, PAYLOAD, Quantiser
 from fusedata.topk import TopK
 
@@ -275,3 +277,243 @@ def test_zq_padding_entries_round_trip():
     np.testing.assert_array_equal(back.ids, ids)
     assert np.isneginf(back.logprobs[0, 2:]).all()
     np.testing.assert_allclose(back.logprobs[np.isfinite(lps)], lps[np.isfinite(lps)], atol=1 / 32)
+
+
+# -- zq v2 -----------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "data" / "codec"
+
+
+def v2(**params) -> object:
+    return get_codec("zq@2", **params)
+
+
+def kl_mean(t: TopK, r: TopK) -> float:
+    """Mean KL(p || p_hat) over the top-k plus a tail bucket, both renormalised."""
+    p = np.concatenate([np.exp(t.logprobs.astype(np.float64)), t.tail_mass[:, None].astype(np.float64)], axis=1)
+    ph = np.concatenate([np.exp(r.logprobs.astype(np.float64)), r.tail_mass[:, None].astype(np.float64)], axis=1)
+    p, ph = p / p.sum(1, keepdims=True), ph / ph.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.where(p > 0, p * (np.log(p) - np.log(np.maximum(ph, 1e-300))), 0.0).sum(1).mean())
+
+
+def test_v1_stays_the_default_and_v2_is_selected_by_name() -> None:
+    assert get_codec("zq").version == 1 and get_codec("zq@2").version == 2 and get_codec("zq", 2).version == 2
+    with pytest.raises(CodecError, match="version"):
+        get_codec("zq@two")
+    spec = v2().spec()
+    assert spec["version"] == 2 and codec_from_schema(pa.schema([], metadata=v2().metadata())).version == 2
+
+
+def test_v1_fixture_decodes_exactly_as_when_written() -> None:
+    """A zq v1 file written by the code before v2 existed (tests/data/codec/make_v1_fixture.py)."""
+    want = np.load(FIXTURES / "zq-v1-expected.npz")
+    got = decode_topk(pq.read_table(FIXTURES / "zq-v1.parquet"))
+    for name in ("ids", "logprobs", "gold_logprob", "tail_mass", "lengths"):
+        np.testing.assert_array_equal(getattr(got, name), want[name], err_msg=name)
+    np.testing.assert_array_equal(got.ids, want["original_ids"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 10, 64])
+def test_v2_roundtrip_ids_exact_and_error_bounded(k: int) -> None:
+    t = synthetic_topk(k=k, vocab=262_144, seed=k)  # ids above 2^17
+    codec = v2()
+    r = roundtrip_parquet(codec, t)
+    assert np.array_equal(r.ids, t.ids) and r.ids.dtype == np.int32 and np.array_equal(r.lengths, t.lengths)
+    q = codec.q
+    assert np.all(np.abs(r.logprobs - t.logprobs) <= q.bound(t.logprobs))
+    assert np.all(np.abs(r.gold_logprob - t.gold_logprob) <= q.bound(t.gold_logprob))
+    ok = t.tail_mass >= 1e-30
+    lt = np.log(t.tail_mass[ok].astype(np.float64))
+    assert np.all(np.abs(np.log(r.tail_mass[ok]) - lt) <= q.bound(lt) + 1e-5)
+    assert np.all(np.diff(r.logprobs, axis=1) <= 0)
+    assert kl_mean(t, r) <= 1e-3
+
+
+def test_v2_grid_bound_holds_and_follows_sqrt_p() -> None:
+    q = zq2.GridQuantiser(0.02, 1 / 32, 0.5)
+    lp = -np.linspace(0, 80, 200_001)
+    err = np.abs(q.decode(q.encode(lp)) - lp)
+    assert np.all(err <= q.bound(lp))
+    # spacing 2 * 0.02 / sqrt(p), clamped to [1/32, 1/2]
+    for x, want in [(0.0, 0.04), (1.0, 0.04 * np.exp(0.5)), (3.0, 0.04 * np.exp(1.5)), (20.0, 0.5)]:
+        assert q.spacing(q.encode(np.array([-x])))[0] == pytest.approx(want, rel=0.15)
+
+
+def test_v2_kl_within_goal_on_synthetic() -> None:
+    t = synthetic_topk(k=10)
+    r = v2().decode(pa.table(v2().encode(t)), 10)
+    assert kl_mean(t, r) <= 1e-3
+
+
+def test_v2_empty_page_and_empty_windows() -> None:
+    codec = v2()
+    empty = TopK(np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32), np.zeros(0, np.float32),
+                 np.zeros(0, np.float32), np.zeros(0, np.int64))
+    assert codec.decode(pa.table(codec.encode(empty)), 3).n_positions == 0
+    t = synthetic_topk(n_windows=3, k=3, max_len=5, seed=4)
+    t = TopK.concat([TopK(t.ids[:0], t.logprobs[:0], t.gold_logprob[:0], t.tail_mass[:0], np.array([0])), t])
+    r = roundtrip_parquet(codec, t)
+    assert r.lengths.tolist() == t.lengths.tolist() and np.array_equal(r.ids, t.ids)
+
+
+def test_v2_padding_entries_round_trip() -> None:
+    ids = np.array([[5, 3, -1, -1], [7, 1, 2, 9], [4, -1, -1, -1]], dtype=np.int32)
+    lps = np.array([[-0.5, -1.0, -np.inf, -np.inf], [-0.1, -2.0, -3.0, -4.0], [-0.2, -np.inf, -np.inf, -np.inf]],
+                   dtype=np.float32)
+    tail = np.array([0.0, 0.1, 0.3], np.float32)
+    topk = TopK(ids, lps, np.array([-0.5, -2.0, -9.0], np.float32), tail, np.array([2, 1], np.int64))
+    codec = v2()
+    back = codec.decode(pa.table(codec.encode(topk)), 4)
+    np.testing.assert_array_equal(back.ids, ids)
+    assert np.isneginf(back.logprobs[ids == -1]).all()
+    fin = np.isfinite(lps)
+    assert np.all(np.abs(back.logprobs[fin] - lps[fin]) <= codec.q.bound(lps[fin]))
+    assert back.tail_mass[0] == 0.0
+
+
+def test_v2_largest_vocabulary_and_bad_ids() -> None:
+    t = synthetic_topk(n_windows=2, k=4, vocab=262_144, seed=5, max_len=30)
+    t.ids[:, 0] = 262_144 + 7 * np.arange(t.n_positions)  # ids up to 2^24: distinct from the others
+    t.ids[0, 0] = (1 << 24) - 2  # the largest id a zq column stores
+    assert np.array_equal(roundtrip_parquet(v2(), t).ids, t.ids)
+    t.ids[0, 0] = (1 << 24) - 1
+    with pytest.raises(CodecError, match="outside"):
+        v2().encode(t)
+    with pytest.raises(CodecError, match="outside"):
+        v2(vocab_size=1000).encode(synthetic_topk(n_windows=1, k=2, vocab=5000, max_len=9))
+
+
+def test_v2_rows_of_two_shards_filtered_and_concatenated() -> None:
+    """align reads source rows by document from several shards: each row carries its model."""
+    codec = v2()
+    a, b = synthetic_topk(n_windows=4, seed=6, max_len=50), synthetic_topk(n_windows=3, seed=7, max_len=50)
+    tables = [pa.table(codec.encode(x)) for x in (a, b)]
+    mixed = pa.concat_tables([tables[0].take([3, 1]), tables[1].take([2]), tables[0].take([0])])
+    r = codec.decode(mixed, 10)
+    want = TopK.concat([a.window(3), a.window(1), b.window(2), a.window(0)])
+    np.testing.assert_array_equal(r.ids, want.ids)
+    np.testing.assert_array_equal(r.lengths, want.lengths)
+    assert np.all(np.abs(r.logprobs - want.logprobs) <= codec.q.bound(want.logprobs))
+
+
+def test_v2_model_is_stored_once_per_column_chunk() -> None:
+    codec = v2()
+    t = synthetic_topk(n_windows=40, seed=8, max_len=60)
+    table = pa.table(codec.encode(t))
+    model_bytes = len(table[zq2.COLUMN].combine_chunks().field("model")[0].as_py())
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata.row_group(0)
+    size = {meta.column(i).path_in_schema: meta.column(i).total_compressed_size for i in range(meta.num_columns)}
+    assert size[f"{zq2.COLUMN}.model"] < 1.2 * model_bytes + 500  # not 40 copies
+
+
+def _reference_decode_row(codec, hdr: bytes, model_blob: bytes, stream: bytes, k: int) -> dict[str, list]:
+    """A plain rANS decoder of one v2 row, written from the layout description (Python ints)."""
+    n = struct.unpack("<4sBBHIIII", hdr)[4]
+    model = zq2.Model.from_bytes(model_blob)
+    words = list(struct.unpack(f"<{len(stream) // 4}I", stream))
+    x, p = words[0] | words[1] << 32, 2
+
+    def take(freqs: np.ndarray, scale: int) -> int:
+        nonlocal x, p
+        cum = np.concatenate([[0], np.cumsum(freqs)])
+        slot = x & ((1 << scale) - 1)
+        s = int(np.searchsorted(cum, slot, side="right") - 1)
+        x = int(freqs[s]) * (x >> scale) + slot - int(cum[s])
+        if x < 1 << 31:
+            x, p = x << 32 | words[p], p + 1
+        return s
+
+    def raw(bits: int) -> int:
+        v = 0
+        for w in (max(bits - 16, 0), min(bits, 16)):
+            if w:
+                v = v << w | take(np.ones(1 << w, np.int64), w)
+        return v
+
+    def zig(table: int) -> int:
+        b = take(normalise(model.dense[table]), SCALE)
+        return 0 if b == 0 else (1 << (b - 1)) + raw(b - 1)
+
+    out: dict[str, list] = {"codes": [], "ids": [], "rank": [], "gold_z": [], "tail_z": []}
+    for _ in range(n):
+        codes = [take(normalise(model.dense[0]), SCALE)]
+        for j in range(1, k):
+            codes.append(codes[-1] + take(normalise(model.dense[j]), SCALE))
+        out["codes"].append(codes)
+        out["ids"].append([int(model.id_values[take(normalise(model.id_counts), SCALE)]) for _ in range(k)])
+        rank = take(normalise(model.dense[k]), SCALE)
+        out["rank"].append(rank)
+        out["gold_z"].append(zig(k + 1) if rank == 0 else 0)
+        out["tail_z"].append(zig(k + 2))
+    assert x == 1 << 31 and p == len(words)
+    return out
+
+
+def test_v2_stream_matches_a_plain_reference_decoder() -> None:
+    codec = v2()
+    t = synthetic_topk(n_windows=2, k=4, seed=9, max_len=40)
+    t.gold_logprob[0] = t.logprobs[0, -1] - 300  # gold far outside: raw bits in two chunks
+    codes, ids, rank, gold_z, tail_z = codec._symbols(t)
+    col = codec.encode(t)[zq2.COLUMN]
+    off = t.offsets()
+    for w in range(2):
+        ref = _reference_decode_row(codec, col.field("hdr")[w].as_py(), col.field("model")[w].as_py(),
+                                    col.field("stream")[w].as_py(), 4)
+        s = slice(int(off[w]), int(off[w + 1]))
+        assert ref["codes"] == codes[s].tolist() and ref["ids"] == ids[s].tolist()
+        assert ref["rank"] == rank[s].tolist() and ref["gold_z"] == gold_z[s].tolist()
+        assert ref["tail_z"] == tail_z[s].tolist()
+
+
+def test_v2_stream_is_within_a_few_bytes_of_the_model_entropy() -> None:
+    """rANS should cost the ideal code length of the symbols under the stored tables, plus the
+    state flushed per row (8 bytes) and at most 4 bytes of renormalisation slack."""
+    codec = v2()
+    t = synthetic_topk(n_windows=5, seed=10, max_len=300)
+    codes, ids, rank, gold_z, tail_z = codec._symbols(t)
+    model = zq2.Model.count(codes, ids, rank, gold_z, tail_z)
+
+    def bits(freq: np.ndarray, sym: np.ndarray) -> float:
+        return float(-np.log2(freq[sym] / (1 << SCALE)).sum())
+
+    k = t.k
+    ideal = bits(model.freq[0], codes[:, 0]) + sum(bits(model.freq[j], np.diff(codes, axis=1)[:, j - 1])
+                                                  for j in range(1, k))
+    ideal += bits(model.id_freq, np.searchsorted(model.id_values, ids))
+    ideal += bits(model.freq[k], rank)
+    for table, z in ((k + 1, gold_z[rank == 0]), (k + 2, tail_z)):
+        b = zq2._bit_length(z)
+        ideal += bits(model.freq[table], b) + np.maximum(b - 1, 0).sum()
+    got = 8 * sum(len(v) for v in codec.encode(t)[zq2.COLUMN].field("stream").to_pylist())
+    assert ideal <= got <= ideal + 8 * 12 * len(t.lengths)
+
+
+@pytest.mark.parametrize("child", ["hdr", "model", "stream"])
+def test_v2_flipped_byte_is_detected(child: str) -> None:
+    codec = v2()
+    t = synthetic_topk(n_windows=3, seed=11)
+    col = codec.encode(t)[zq2.COLUMN]
+    vals = col.field(child).to_pylist()
+    b = bytearray(vals[1])
+    b[len(b) // 2] ^= 0x10
+    vals[1] = bytes(b)
+    kids = [pa.array(vals, pa.binary()) if c == child else col.field(c) for c in zq2.CHILDREN]
+    with pytest.raises(CodecError):
+        codec.decode(pa.table({zq2.COLUMN: pa.StructArray.from_arrays(kids, names=list(zq2.CHILDREN))}), 10)
+
+
+def test_v2_refuses_bad_input_by_name() -> None:
+    t = synthetic_topk(n_windows=1, k=3, max_len=5)
+    t.logprobs[0] = t.logprobs[0][::-1].copy()
+    with pytest.raises(CodecError, match="sorted"):
+        v2().encode(t)
+    with pytest.raises(CodecError, match="k=2000"):
+        v2().check_k(2000)
+    with pytest.raises(CodecError, match="unknown params"):
+        get_codec("zq@2", coarse_from=8.0)
+    good = synthetic_topk(n_windows=1, k=3, max_len=5)
+    with pytest.raises(CodecError, match="k=3"):
+        v2().decode(pa.table(v2().encode(good)), 4)

@@ -1,6 +1,6 @@
 """Codecs for top-k columns. Importing this package registers every known codec."""
 
-from fusedata.codec import raw, zq  # noqa: F401  (registers)
+from fusedata.codec import raw, zq, zq2  # noqa: F401  (registers)
 from fusedata.codec.base import Codec, CodecError, codec_from_schema, codec_from_spec, get_codec
 
 DEFAULT_CODEC = "zq"

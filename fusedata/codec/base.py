@@ -27,6 +27,8 @@ class Codec(ABC):
 
     name: str = ""
     version: int = 0
+    # a version that is not yet the default: `get_codec(name)` skips it, "name@version" selects it
+    opt_in: bool = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -61,12 +63,19 @@ _LATEST: dict[str, int] = {}
 
 def register(cls: type[Codec]) -> type[Codec]:
     _REGISTRY[(cls.name, cls.version)] = cls
-    _LATEST[cls.name] = max(_LATEST.get(cls.name, 0), cls.version)
+    if not cls.opt_in:
+        _LATEST[cls.name] = max(_LATEST.get(cls.name, 0), cls.version)
     return cls
 
 
 def get_codec(name: str, version: int | None = None, **params: Any) -> Codec:
-    """The codec `name` at `version` (latest if None)."""
+    """The codec `name` at `version` (if None: the version written in `name@version`, else the
+    latest version that is not opt-in)."""
+    if "@" in name:
+        name, _, v = name.partition("@")
+        if not v.isdigit() or (version is not None and int(v) != version):
+            raise CodecError(f"bad codec version in {name}@{v}: expected name@<integer>")
+        version = int(v)
     version = _LATEST.get(name) if version is None else version
     cls = _REGISTRY.get((name, version))  # type: ignore[arg-type]
     if cls is None:
