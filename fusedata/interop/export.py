@@ -87,7 +87,10 @@ class ExportStage(Stage):
         self.k = k_of(first)
         keep = {key: v for key, v in (first.metadata or {}).items() if key == CANDIDATES_KEY}
         self.kind = self.layout.kind
-        self.schema = self.layout.schema(self.source.kind, self.k, keep)
+        try:
+            self.schema = self.layout.schema(self.source.kind, self.k, keep)
+        except ValueError as exc:
+            raise UsageError(f"{job.source}: no {job.config.layout} layout of it: {exc}") from None
 
     def identity(self) -> dict[str, Any]:
         return {"stage": "export", "layout": self.job.config.layout, "of": self.source.kind,
