@@ -76,8 +76,16 @@ def test_axolotl_layout_loads_with_axolotls_kd_collator(spine, tiny_llama, tmp_p
     if python is None:
         pytest.skip("no axolotl environment: `make axolotl` builds .venv-axolotl (axolotl pins transformers 5.16, "
                     "older than fusedata needs), or set FUSEDATA_AXOLOTL_PYTHON")
-    out = export(spine / "fused", tmp_path / "axolotl", "axolotl")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)} | {"HF_HUB_OFFLINE": "1"}
+    try:
+        probe = subprocess.run([python, "-c", "import datasets, axolotl.integrations.kd.collator"], env=env,
+                               capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        why = "timed out" if probe is None else probe.stderr.strip().splitlines()[-1]
+        pytest.skip(f"{python} cannot import axolotl's KD collator ({why}): rebuild it with `make axolotl`")
+    out = export(spine / "fused", tmp_path / "axolotl", "axolotl")
     proc = subprocess.run([python, "-c", AXOLOTL_SCRIPT, str(out), str(tiny_llama), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
