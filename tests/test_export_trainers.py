@@ -71,7 +71,7 @@ np.savez(out + "/batch.npz", **{k: v.numpy() for k, v in batch.items()})
 """
 
 
-def test_axolotl_layout_loads_with_axolotls_kd_collator(spine, tiny_llama, tmp_path):
+def test_axolotl_layout_loads_with_axolotls_kd_collator(tiny_llama, tmp_path, request):
     python = axolotl_python()
     if python is None:
         pytest.skip("no axolotl environment: `make axolotl` builds .venv-axolotl (axolotl pins transformers 5.16, "
@@ -85,6 +85,7 @@ def test_axolotl_layout_loads_with_axolotls_kd_collator(spine, tiny_llama, tmp_p
     if probe is None or probe.returncode != 0:
         why = "timed out" if probe is None else probe.stderr.strip().splitlines()[-1]
         pytest.skip(f"{python} cannot import axolotl's KD collator ({why}): rebuild it with `make axolotl`")
+    spine = request.getfixturevalue("spine")  # built only once the environment is known to work
     out = export(spine / "fused", tmp_path / "axolotl", "axolotl")
     proc = subprocess.run([python, "-c", AXOLOTL_SCRIPT, str(out), str(tiny_llama), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
