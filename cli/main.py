@@ -354,5 +354,11 @@ from cli.explore_cmd import explore  # noqa: E402
 main.add_command(explore)
 
 
+from cli.interop_cmd import export_cmd, import_cmd  # noqa: E402
+
+main.add_command(export_cmd)
+main.add_command(import_cmd)
+
+
 if __name__ == "__main__":  # after every command is registered: `python -m cli.main explore --help`
     main()

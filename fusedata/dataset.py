@@ -33,7 +33,7 @@ TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
 SHARD_RE = re.compile(r"shard-\d{5}\.parquet")  # names shard_name() gives
 TMP_RE = re.compile(r"\..+\.tmp-\d+")
 STAGING_NAME = ".overwrite"  # DatasetDir.staging()
-STAGES = frozenset({"extract", "align", "fuse", "explore"})  # the `stage` of every run record fusedata writes
+STAGES = frozenset({"extract", "align", "fuse", "explore", "export", "import"})  # the `stage` of every run record fusedata writes
 ZSTD_LEVEL = 6
 
 

@@ -337,33 +337,46 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def compute_loss(model: Any, batch: Batch, lam: float, loss: str = "sparse",
                  alm_temperature: float = 1.0) -> tuple[Any, dict[str, float]]:
-    """λ·CLM + (1−λ)·distill, CLM and the sparse/ULD terms averaged over the batch's real
-    positions, ALM over its chunks. One log-softmax and one gather serve both terms, so
-    distillation costs little over plain CLM."""
+    """The bundled trainer's loss of one batch: `fusion_loss` of the model's logits."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits  # [B, T, V]
+    return fusion_loss(logits, batch.__dict__, lam, loss, alm_temperature)
+
+
+def fusion_loss(logits: Any, batch: Any, lam: float = 0.9, loss: str = "sparse",
+                alm_temperature: float = 1.0) -> tuple[Any, dict[str, float]]:
+    """λ·CLM + (1−λ)·distill, CLM and the sparse/ULD terms averaged over the batch's real positions,
+    ALM over its chunks; the public loss for any training loop (with
+    `fusedata.torch_data.collate_fusion`'s batches). One log-softmax and one gather serve both terms,
+    so distillation costs little over plain CLM.
+
+    logits float [B, T, V] of the model on batch["input_ids"]; batch: labels long [B, T−1] (−100 where
+    ignored) and, when lam < 1, topk_ids long / topk_q float [B, T−1, k] and tail float [B, T−1]
+    (loss "alm": chunk_of long [B, T−1] and chunk_teacher float [C] instead).
+    Returns the loss tensor and its parts as floats ({"clm", "distill"})."""
     import torch
 
     from fusedata.losses import alm_loss, uld_loss
 
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]  # [B, T-1, V]
-    mask = batch.labels != -100  # [B, T-1]
+    logits = logits[:, :-1]  # [B, T-1, V]: position i predicts labels[:, i]
+    labels = batch["labels"]
+    mask = labels != -100  # [B, T-1]
     n = mask.sum().clamp(min=1)
     logp = torch.log_softmax(logits[mask].float(), dim=-1)  # [N, V]
-    index = batch.labels[mask][:, None]  # [N, 1]
-    sparse = lam < 1.0 and loss == "sparse"
-    if sparse:
-        index = torch.cat([index, batch.topk_ids[mask]], dim=1)  # [N, 1+k]
+    index = labels[mask][:, None]  # [N, 1]
+    if lam < 1.0 and loss == "sparse":
+        index = torch.cat([index, batch["topk_ids"][mask]], dim=1)  # [N, 1+k]
     picked = logp.gather(1, index)  # [N, 1+k]
     clm = -picked[:, 0].sum() / n
     parts = {"clm": float(clm.detach())}
     total = clm
     if lam < 1.0:
         if loss == "uld":
-            distill = uld_loss(logp, batch.topk_q[mask], batch.tail[mask]) / n
+            distill = uld_loss(logp, batch["topk_q"][mask], batch["tail"][mask]) / n
         elif loss == "alm":
-            chunks = max(int(batch.chunk_teacher.numel()), 1)
-            distill = alm_loss(picked[:, 0], batch.chunk_of[mask], batch.chunk_teacher, alm_temperature) / chunks
+            chunks = max(int(batch["chunk_teacher"].numel()), 1)
+            distill = alm_loss(picked[:, 0], batch["chunk_of"][mask], batch["chunk_teacher"], alm_temperature) / chunks
         else:
-            distill = sparse_distill_loss(picked[:, 1:], batch.topk_q[mask], batch.tail[mask]) / n
+            distill = sparse_distill_loss(picked[:, 1:], batch["topk_q"][mask], batch["tail"][mask]) / n
         total = lam * clm + (1 - lam) * distill
         parts["distill"] = float(distill.detach())
     return total, parts

@@ -316,3 +316,68 @@ def test_reproduce_commands_parse_and_carry_the_stored_settings(spine, kind):
         assert isinstance(ctx, click.Context)
     assert commands[-1].startswith({"topk": "fusedata extract", "aligned": "fusedata align",
                                     "fused": "fusedata fuse"}[manifest.kind])
+
+
+@pytest.fixture(scope="module")
+def fused_plain(spine, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("publish-plain") / "fused-plain"
+    r = CliRunner().invoke(main, ["export", str(spine / "fused"), "--output", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def materialise(files: dict[str, bytes], root: Path) -> Path:
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+def test_publish_plain_export_alone(spine, hub, fused_plain, tmp_path):
+    result = publish(str(fused_plain), "--repo-id", "org/plain")
+    assert result.exit_code == 0, result.output
+    files = hub.files("org/plain")
+    card = files["README.md"].decode()
+    assert "**fused** dataset" in card and "in the plain layout" in card and "no codec" in card
+    assert "| `topk_ids` | list<list<int32>> |" in card and "| `winner` |" in card
+    assert "decode_topk(" not in card and "fusedata export fused --output fused-plain --layout plain" in card
+    assert "MinCE" in card  # how the rows were made: the source's run
+    import datasets
+
+    ds = datasets.load_dataset(str(materialise(files, tmp_path / "hub")), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    want = decode_topk(pq.read_table(spine / "fused"))
+    assert ds[0]["topk_ids"][0] == want.ids[0][want.ids[0] >= 0].tolist()  # numbers, no fusedata needed
+
+
+def test_publish_compact_and_plain_as_two_configs(spine, hub, fused_plain, tmp_path):
+    result = publish(str(spine / "fused"), "--repo-id", "org/both", "--plain", str(fused_plain))
+    assert result.exit_code == 0, result.output
+    files = hub.files("org/both")
+    names = [s.name for s in Manifest.read(spine / "fused").shards]
+    assert sorted(files) == sorted(["README.md", "fusedata_manifest.json", "fusedata_manifest_plain.json"]
+                                   + [f"data/{n}" for n in names] + [f"plain/{n}" for n in names])
+    card = files["README.md"].decode()
+    assert front_matter(card)["configs"] == [
+        {"config_name": "plain", "data_files": [{"split": "train", "path": "plain/shard-*.parquet"}], "default": True},
+        {"config_name": "compact", "data_files": [{"split": "train", "path": "data/shard-*.parquet"}]}]
+    assert "## Configs" in card and "| `plain` (default) | `plain/` |" in card and "| `compact` | `data/` |" in card
+    assert "## Columns of the `plain` config" in card and "## Columns of the `compact` config" in card
+    import datasets
+
+    local = materialise(files, tmp_path / "hub")
+    plain = datasets.load_dataset(str(local), "plain", split="train", cache_dir=str(tmp_path / "c1"))
+    compact = datasets.load_dataset(str(local), "compact", split="train", cache_dir=str(tmp_path / "c2"))
+    assert plain["input_ids"] == compact["input_ids"] and plain["winner"] == compact["winner"]
+    assert "topk_ids" in plain.column_names and "topk_zq" in compact.column_names
+
+    again = publish(str(spine / "fused"), "--repo-id", "org/both", "--plain", str(fused_plain))  # all there
+    assert again.exit_code == 0 and f"{2 * len(names)} of {2 * len(names)} shards already on the Hub" in again.output
+
+
+def test_plain_config_must_be_an_export_of_the_dataset(spine, hub, tmp_path):
+    other = tmp_path / "llama-plain"
+    assert CliRunner().invoke(main, ["export", str(spine / "topk/llama"), "--output", str(other), "--quiet"]).exit_code == 0
+    result = publish(str(spine / "fused"), "--repo-id", "org/x", "--plain", str(other))
+    assert result.exit_code == 2 and "is not an export of" in result.output
+    assert hub.requests == []

@@ -48,6 +48,34 @@ TOPK_MEANING = ("top-k columns, codec `{codec}` v{version}: per position i (pred
                 "log-prob and the tail mass 1 − Σ top-k probabilities; decode with `decode_topk`")
 
 SCHEMAS = {"topk": "schemas.topk", "aligned": "schemas.aligned", "fused": "schemas.fused"}
+PLAIN_DIR = "plain"  # where a plain export goes when it is published beside the compact dataset
+CONFIG_NOTE = {
+    "plain": "the plain layout: every top-k value as Parquet lists (`topk_ids`, `topk_logprobs`, `gold_logprob`, "
+             "`tail_mass`), readable by the dataset viewer, `datasets`, pandas, polars, duckdb with no fusedata",
+    "compact": "fusedata's compact layout: the top-k in the `{codec}` codec (~20% smaller or more); decode with "
+               "`fusedata.load` or `decode_topk`",
+}
+
+
+def source_manifest(manifest: Manifest) -> Manifest:
+    """The manifest that says where the rows came from: a plain export's source, else itself."""
+    if manifest.kind != "plain":
+        return manifest
+    run = manifest.run
+    return Manifest(kind=run["of"], fusedata_version=manifest.fusedata_version, run=run["source_run"],
+                    shards=manifest.shards, stats=manifest.stats.get("source_stats", {}), created=manifest.created)
+
+
+def plain_meanings(kind: str) -> dict[str, str]:
+    """Column -> meaning of a plain export of `kind` (schemas/plain.py)."""
+    from schemas.common import description
+    from schemas.plain import TOPK_FIELDS, base_fields
+
+    out = {}
+    for f in base_fields(kind) + TOPK_FIELDS:
+        meaning, shape = description(f)
+        out[f.name] = f"{shape} {meaning}" if shape else meaning
+    return out
 
 
 def column_meanings(kind: str) -> dict[str, str]:
@@ -204,8 +232,9 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
-    """The README.md of the published dataset: YAML metadata and a human description."""
+def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Path, Manifest] | None = None) -> str:
+    """The README.md of the published dataset: YAML metadata and a human description. `plain`: a plain
+    export of this dataset published beside it as a second config (its folder and manifest)."""
     from fusedata.codec import codec_from_schema
     from schemas.common import k_of
 
@@ -215,8 +244,12 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
         k = k_of(schema)
     except ValueError as exc:
         raise UsageError(f"{first}: {exc}") from None
-    codec = codec_from_schema(schema, str(first))
-    codec_cols = {f.name for f in codec.fields()}
+    plain_only = manifest.kind == "plain"
+    codec = None if plain_only else codec_from_schema(schema, str(first))
+    codec_cols = {f.name for f in codec.fields()} if codec else set()
+    exported = source_manifest(manifest)
+    layouts = ["plain", "compact"] if plain else (["plain"] if plain_only else [])
+    manifest = exported  # the rows' kind, models and run, whichever layout holds them
     models = _models(manifest)
     run, stats = manifest.run, manifest.stats
     positions = int(stats.get("positions") or manifest.tokens - manifest.rows)
@@ -226,16 +259,31 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
     meta: dict[str, Any] = {
         "license": licences[0] if len(licences) == 1 else licences,
         "pretty_name": f"{repo_id.split('/')[1]} (fusedata {manifest.kind})",
-        "tags": ["fusedata", "knowledge-fusion", "distillation", "top-k-logits", f"fusedata-{manifest.kind}"],
+        "tags": ["fusedata", "knowledge-fusion", "distillation", "top-k-logits", f"fusedata-{manifest.kind}"]
+        + (["fusedata-plain"] if layouts else []),
         "task_categories": ["text-generation"],
         "size_categories": [_size_category(manifest.rows)],
         "configs": [{"config_name": "default",
                      "data_files": [{"split": "train", "path": f"{DATA_DIR}/shard-*.parquet"}]}],
     }
+    if plain:  # the plain config first and default: the viewer shows numbers
+        meta["configs"] = [
+            {"config_name": "plain", "data_files": [{"split": "train", "path": f"{PLAIN_DIR}/shard-*.parquet"}],
+             "default": True},
+            {"config_name": "compact", "data_files": [{"split": "train", "path": f"{DATA_DIR}/shard-*.parquet"}]}]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     lines = [f"---\n{front}---", "", f"# {repo_id}", "",
              f"A [fusedata](https://pypi.org/project/fusedata/) **{manifest.kind}** dataset: "
-             f"{KIND_SUMMARY.get(manifest.kind, manifest.kind)}.", ""]
+             f"{KIND_SUMMARY.get(manifest.kind, manifest.kind)}"
+             + (", in the plain layout (no fusedata needed to read it)." if plain_only else "."), ""]
+    codec_name = codec.name if codec else str((run.get("codec") or {}).get("name") or (run.get("fuse") or {}).get("codec")
+                                              or (run.get("align") or {}).get("codec") or "zq")
+    if plain:
+        lines += ["## Configs", "", "| config | path | what it holds |", "|---|---|---|",
+                  f"| `plain` (default) | `{PLAIN_DIR}/` | {CONFIG_NOTE['plain']} |",
+                  f"| `compact` | `{DATA_DIR}/` | {CONFIG_NOTE['compact'].format(codec=codec_name)} |", "",
+                  "Both hold the same rows in the same order: "
+                  f'`load_dataset("{repo_id}", "plain")` or `load_dataset("{repo_id}", "compact")`.', ""]
 
     lines += ["## Summary", "", "| | |", "|---|---|",
               f"| kind | `{manifest.kind}` |",
@@ -244,7 +292,8 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
               f"| predicted positions | {positions:,} |",
               f"| shards | {len(manifest.shards)} ({total_bytes / 1e6:,.2f} MB) |",
               f"| k (entries per position) | {k} |",
-              f"| codec | `{codec.name}` v{codec.version} |",
+              (f"| codec | `{codec.name}` v{codec.version} |" if codec else
+               "| layout | plain: the top-k as Parquet lists, no codec |"),
               f"| corpus sha256 | `{run.get('corpus_hash')}` |",
               f"| fusedata version | {manifest.fusedata_version} |",
               f"| created | {manifest.created} |", ""]
@@ -305,22 +354,44 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
             lines.append(f"Winning share per candidate: {share}; mean weights {stats.get('mean_weights')}.")
     lines += ["", "Commands that reproduce it (`CORPUS` is the corpus whose sha256 is above; the manifest records "
               "every setting):", "", "```bash"]
-    lines += reproduce_commands(manifest, codec.name)
+    lines += reproduce_commands(manifest, codec.name if codec else codec_name)
+    if layouts:
+        lines.append(f"fusedata export {manifest.kind} --output {manifest.kind}-plain --layout plain")
     lines += ["```", ""]
 
-    lines += ["## Columns", "", "| column | type | meaning |", "|---|---|---|"]
-    meanings = column_meanings(manifest.kind)
-    topk_meaning = TOPK_MEANING.format(codec=codec.name, version=codec.version, k=k)
-    for f in schema:
-        meaning = topk_meaning if f.name in codec_cols else meanings.get(f.name, "")
-        lines.append(f"| `{f.name}` | {_cell(_type_name(f.type))} | {_cell(meaning)} |")
-    lines.append("")
+    tables = []
+    if plain or plain_only:
+        plain_schema = pq.read_schema(plain[0] / plain[1].shards[0].name) if plain else schema
+        tables.append(("plain" if plain else "", plain_schema, plain_meanings(manifest.kind)))
+    if codec:
+        tables.append(("compact" if plain else "", schema, column_meanings(manifest.kind)))
+    for name, table_schema, meanings in tables:
+        lines += [f"## Columns{f' of the `{name}` config' if name else ''}", "", "| column | type | meaning |",
+                  "|---|---|---|"]
+        topk_meaning = TOPK_MEANING.format(codec=codec.name, version=codec.version, k=k) if codec else ""
+        for f in table_schema:
+            meaning = topk_meaning if f.name in codec_cols else meanings.get(f.name, "")
+            lines.append(f"| `{f.name}` | {_cell(_type_name(f.type))} | {_cell(meaning)} |")
+        lines.append("")
     if manifest.kind == "fused":
         lines += ["Candidate names (index order) are in the schema metadata (`fusedata.candidates`) and the "
                   "manifest.", ""]
 
     shard0 = f"{DATA_DIR}/{manifest.shards[0].name}"
-    lines += ["## Reading the top-k columns", "",
+    if layouts:
+        config = ', "plain"' if plain else ""
+        lines += ["## Reading the plain top-k", "", "```python",
+                  "from datasets import load_dataset", "",
+                  f'ds = load_dataset("{repo_id}"{config}, split="train")',
+                  'row = ds[0]; row["topk_ids"][i], row["topk_logprobs"][i]   # position i: ids and log-probs, best first',
+                  "```", "",
+                  "A position lists only its real entries (a merged distribution may list fewer than k); "
+                  "`tail_mass` is the probability outside them. `fusedata import` turns it back into the "
+                  "compact layout.", ""]
+    if codec is None:
+        lines += _files_section(manifest, plain_only=True)
+        return "\n".join(lines)
+    lines += [f"## Reading the top-k columns{' of the `compact` config' if plain else ''}", "",
               "The top-k columns are stored compactly by a fusedata codec; the codec (name, version, parameters) "
               "and k are in each Parquet file's schema metadata (`fusedata.codec`, `fusedata.k`). "
               "`datasets` drops that metadata, so pass `like=` a shard file to read it from:", "",
@@ -337,14 +408,26 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str) -> str:
               "```", "",
               "With pyarrow the metadata is kept: `decode_topk(pyarrow.parquet.read_table(shard))`.", ""]
 
-    lines += ["## Files and integrity", "",
-              f"- `{DATA_DIR}/shard-*.parquet`: {len(manifest.shards)} Parquet shards (zstd).",
-              f"- `{MANIFEST_IN_REPO}`: the run's manifest: inputs, model and tokenizer identity, k, codec, "
-              "row and token counts, statistics, and every shard's rows, tokens, bytes and sha256.", "",
-              "| shard | rows | tokens | bytes | sha256 |", "|---|---:|---:|---:|---|"]
+    lines += _files_section(manifest, plain_only=False, plain=plain)
+    return "\n".join(lines)
+
+
+MANIFEST_PLAIN_IN_REPO = "fusedata_manifest_plain.json"
+
+
+def _files_section(manifest: Manifest, plain_only: bool, plain: tuple[Path, Manifest] | None = None) -> list[str]:
+    what = "the plain layout" if plain_only else "the compact layout" if plain else ""
+    lines = ["## Files and integrity", "",
+             f"- `{DATA_DIR}/shard-*.parquet`: {len(manifest.shards)} Parquet shards (zstd){', ' + what if what else ''}.",
+             f"- `{MANIFEST_IN_REPO}`: the run's manifest: inputs, model and tokenizer identity, k, codec, "
+             "row and token counts, statistics, and every shard's rows, tokens, bytes and sha256."]
+    if plain:
+        lines += [f"- `{PLAIN_DIR}/shard-*.parquet`: the same rows in the plain layout; `{MANIFEST_PLAIN_IN_REPO}`: "
+                  "its manifest (the export's run record names this dataset's run)."]
+    lines += ["", "| shard | rows | tokens | bytes | sha256 |", "|---|---:|---:|---:|---|"]
     for s in manifest.shards[:CARD_MAX_SHARD_ROWS]:
         lines.append(f"| `{s.name}` | {s.rows:,} | {s.tokens:,} | {s.bytes:,} | `{s.sha256}` |")
     if len(manifest.shards) > CARD_MAX_SHARD_ROWS:
         lines.append(f"| … {len(manifest.shards) - CARD_MAX_SHARD_ROWS} more in `{MANIFEST_IN_REPO}` | | | | |")
     lines += ["", f"Published with `fusedata publish` (fusedata {fusedata.__version__}).", ""]
-    return "\n".join(lines)
+    return lines

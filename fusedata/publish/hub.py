@@ -26,7 +26,7 @@ from typing import Any
 
 from fusedata.dataset import open_dataset, sha256_file
 from fusedata.errors import UsageError
-from fusedata.publish.card import DATA_DIR, MANIFEST_IN_REPO, dataset_card
+from fusedata.publish.card import DATA_DIR, MANIFEST_IN_REPO, MANIFEST_PLAIN_IN_REPO, PLAIN_DIR, dataset_card
 from schemas.manifest import Manifest
 
 CARD_NAME = "README.md"
@@ -79,13 +79,7 @@ class PublishResult:
 
 # -- plan (no network) ---------------------------------------------------------------------------
 
-def plan_publish(folder: str | Path, repo_id: str) -> PublishPlan:
-    """Check that `folder` is a finished, intact fusedata dataset and list what would be uploaded."""
-    check_repo_id(repo_id)
-    folder = Path(folder)
-    manifest = open_dataset(folder, verify=False)  # no manifest / missing shard; the sha256s are checked below
-    if not manifest.shards:
-        raise UsageError(f"{folder}: the manifest lists no shards; nothing to publish")
+def _checked_shards(folder: Path, manifest: Manifest, into: str) -> list[PlannedFile]:
     shards = []
     for entry in manifest.shards:
         path = folder / entry.name
@@ -95,15 +89,44 @@ def plan_publish(folder: str | Path, repo_id: str) -> PublishPlan:
             raise UsageError(f"{path}: sha256 {digest[:12]}… ({size:,} bytes) differs from the manifest's "
                              f"{entry.sha256[:12]}… ({entry.bytes:,} bytes); the shard was changed or damaged "
                              "after the run finished: rerun the stage to rebuild it")
-        shards.append(PlannedFile(f"{DATA_DIR}/{entry.name}", size, digest, local=path))
-    card = dataset_card(folder, manifest, repo_id)
-    manifest_bytes = manifest.to_json().encode() + b"\n"
-    card_bytes = card.encode()
-    extras = [
-        PlannedFile(MANIFEST_IN_REPO, len(manifest_bytes), hashlib.sha256(manifest_bytes).hexdigest(),
-                    content=manifest_bytes),
-        PlannedFile(CARD_NAME, len(card_bytes), hashlib.sha256(card_bytes).hexdigest(), content=card_bytes),
-    ]
+        shards.append(PlannedFile(f"{into}/{entry.name}", size, digest, local=path))
+    return shards
+
+
+def _content(path_in_repo: str, data: bytes) -> PlannedFile:
+    return PlannedFile(path_in_repo, len(data), hashlib.sha256(data).hexdigest(), content=data)
+
+
+def plan_publish(folder: str | Path, repo_id: str, plain: str | Path | None = None) -> PublishPlan:
+    """Check that `folder` is a finished, intact fusedata dataset and list what would be uploaded.
+    `plain`: a plain export of `folder` (`fusedata export --layout plain`), published beside it as a
+    second config of the same repo (the card's `configs` list says which is which)."""
+    from fusedata.dataset import run_digest
+
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    manifest = open_dataset(folder, verify=False)  # no manifest / missing shard; the sha256s are checked below
+    if not manifest.shards:
+        raise UsageError(f"{folder}: the manifest lists no shards; nothing to publish")
+    shards = _checked_shards(folder, manifest, DATA_DIR)
+    extra_files = []
+    plain_pair = None
+    if plain is not None:
+        if manifest.kind == "plain":
+            raise UsageError(f"{folder} is already a plain export; --plain goes with the compact dataset it came from")
+        plain_dir = Path(plain)
+        plain_manifest = open_dataset(plain_dir, "plain", verify=False)
+        run = plain_manifest.run
+        if run.get("source_digest") != run_digest(manifest.run) or \
+                run.get("source_shards") != [s.sha256 for s in manifest.shards]:
+            raise UsageError(f"--plain {plain_dir} is not an export of {folder} (another run or other shards); "
+                             f"export it again: fusedata export {folder} --output {plain_dir} --layout plain --overwrite")
+        shards += _checked_shards(plain_dir, plain_manifest, PLAIN_DIR)
+        plain_pair = (plain_dir, plain_manifest)
+        extra_files.append(_content(MANIFEST_PLAIN_IN_REPO, plain_manifest.to_json().encode() + b"\n"))
+    card = dataset_card(folder, manifest, repo_id, plain_pair)
+    extras = [_content(MANIFEST_IN_REPO, manifest.to_json().encode() + b"\n"), *extra_files,
+              _content(CARD_NAME, card.encode())]
     return PublishPlan(folder, repo_id, manifest, shards, extras, card)
 
 
@@ -153,14 +176,15 @@ def render_plan(plan: PublishPlan) -> str:
     return "\n".join(lines)
 
 
-def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+def publish(folder: str | Path, repo_id: str, *, plain: str | Path | None = None, private: bool = False,
+            revision: str | None = None,
             dry_run: bool = False, token: str | None = None, endpoint: str | None = None,
             files_per_commit: int = FILES_PER_COMMIT, bytes_per_commit: int = BYTES_PER_COMMIT,
             log: Callable[[str], None] = print) -> PublishResult:
     """Publish a finished dataset folder to a Hub dataset repo (see the module docstring)."""
     if files_per_commit < 1 or bytes_per_commit < 1:
         raise UsageError("files and bytes per commit must be at least 1")
-    plan = plan_publish(folder, repo_id)
+    plan = plan_publish(folder, repo_id, plain)
     branch = revision or "main"
     if dry_run:
         log(render_plan(plan))
@@ -200,7 +224,8 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
     if result.skipped:
         log(f"{len(result.skipped)} of {len(plan.shards)} shards already on the Hub with the same sha256: skipped")
     planned_paths = {f.path_in_repo for f in plan.shards}
-    stale = sorted(p for p in remote if re.fullmatch(rf"{DATA_DIR}/shard-\d+\.parquet", p) and p not in planned_paths)
+    stale = sorted(p for p in remote if re.fullmatch(rf"({DATA_DIR}|{PLAIN_DIR})/shard-\d+\.parquet", p)
+                   and p not in planned_paths)
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
@@ -222,7 +247,7 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
 
     ops: list[Any] = [CommitOperationAdd(f.path_in_repo, f.data()) for f in plan.extras]
     ops += [CommitOperationDelete(p) for p in stale]
-    log(f"commit {n_commits}/{n_commits}: {CARD_NAME}, {MANIFEST_IN_REPO}"
+    log(f"commit {n_commits}/{n_commits}: {', '.join(f.path_in_repo for f in plan.extras)}"
         + (f", removing {len(stale)} stale shard(s)" if stale else ""))
     try:
         api.create_commit(repo_id, ops, commit_message=f"fusedata publish: dataset card and manifest "
@@ -271,13 +296,15 @@ def _ensure_repo(api: Any, repo_id: str, private: bool, branch: str, log: Callab
 
 
 def _remote_files(api: Any, repo_id: str, branch: str) -> dict[str, Any]:
-    """Files already under data/ on the remote branch (path -> RepoFile)."""
+    """Files already under data/ and plain/ on the remote branch (path -> RepoFile)."""
     from huggingface_hub.errors import EntryNotFoundError  # RemoteEntryNotFoundError derives from it
 
-    try:
-        entries = list(api.list_repo_tree(repo_id, path_in_repo=DATA_DIR, recursive=True, repo_type="dataset",
-                                          revision=branch))
-    except EntryNotFoundError:
-        return {}
-    return {e.path: e for e in entries if hasattr(e, "size")}
-
+    found: dict[str, Any] = {}
+    for folder in (DATA_DIR, PLAIN_DIR):
+        try:
+            entries = list(api.list_repo_tree(repo_id, path_in_repo=folder, recursive=True, repo_type="dataset",
+                                              revision=branch))
+        except EntryNotFoundError:
+            continue
+        found |= {e.path: e for e in entries if hasattr(e, "size")}
+    return found
