@@ -264,6 +264,8 @@ class ExtractStage(Stage):
             empty_docs_skipped=read["empty_skipped"],
             docs_too_short=read["docs"] - result["docs"],  # fewer than two tokens: nothing to predict
             bad_lines_skipped=read["bad_skipped"],
+            input_bytes=read["bytes"],
+            input_sha256=read["sha256"],  # of the shards' input hashes, in order: the corpus content read
             tokens_per_second_this_run=round(rate, 1),
         )
         return result
@@ -402,6 +404,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
     digests: list[np.ndarray] = []
     total_bytes = 0
     read = {"docs": 0, "empty_skipped": 0, "bad_skipped": 0, "bytes": 0}
+    content = hashlib.sha256()  # the corpus's content identity: the workers' input hashes in shard order
     for name in names:
         path = out.shard_path(name)
         pf = pq.ParquetFile(path)
@@ -414,9 +417,11 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
         windows += t.num_rows
         ce_sum += float((t.column("ce").to_numpy() * pos).sum())
         digests.append(np.unique(_id_digests(t.column("doc_id").unique().to_pylist())))
-        for key, value in shard_input(pf.metadata).items():
+        record = shard_input(pf.metadata)
+        for key, value in record.items():
             if key in read:
                 read[key] += value
+        content.update(record.get("sha256", "").encode())
         total_bytes += path.stat().st_size
     every = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     distinct = np.unique(every)
@@ -430,7 +435,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
         "mean_ce": ce_sum / max(positions, 1),
         "bytes": total_bytes,
         "bytes_per_token": total_bytes / max(positions, 1),
-        "input": read,
+        "input": read | {"sha256": content.hexdigest()},
     }
 
 
