@@ -63,9 +63,16 @@ def child(args: argparse.Namespace) -> None:
     """One point, in this process as the Ray driver; prints one JSON line."""
     t0 = time.perf_counter()
     from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
-    from jobs.ray_executor import RayExecutor, init_ray
 
-    init_ray(None, log=lambda m: None)
+    if args.executor == "ray":
+        from jobs.ray_executor import RayExecutor, init_ray
+
+        init_ray(None, log=lambda m: None)
+        executor = RayExecutor(workers=args.workers)
+    else:  # the driver is its own worker: its memory then includes the model and one shard at a time
+        from fusedata.stages.base import LocalExecutor
+
+        executor = LocalExecutor()
     t_ray = time.perf_counter() - t0
     first: list[float] = []
     done = threading.Event()
@@ -109,7 +116,7 @@ def child(args: argparse.Namespace) -> None:
     timer.start()
     config = ExtractConfig(model=args.model, top_k=5, max_length=128, batch_tokens=1024, threads=1)
     run_extract(ExtractJob([args.corpus], args.out, config, docs_per_shard=args.docs_per_shard, quiet=True,
-                           log=lambda m: None), RayExecutor(workers=args.workers))
+                           log=lambda m: None), executor)
     timer.cancel()
     report(True)
     os._exit(0)
@@ -119,7 +126,7 @@ def _point(code: Path, model: str, corpus: str, n: int, out: str, args: argparse
     env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--corpus", corpus,
            "--n", str(n), "--out", out, "--limit-s", str(args.limit_s), "--workers", str(args.workers),
-           "--docs-per-shard", str(args.docs_per_shard)]
+           "--docs-per-shard", str(args.docs_per_shard), "--executor", args.executor]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code,
                           timeout=args.limit_s + 600)
@@ -157,8 +164,11 @@ def main() -> None:
     ap.add_argument("--limit-s", type=float, default=240.0, help="stop a point after this many seconds (partial)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--docs-per-shard", type=int, default=256)
+    ap.add_argument("--executor", choices=("ray", "local"), default="ray",
+                    help="ray: an embedded local Ray (the driver only plans); local: the driver computes too")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--model", "--corpus", "--out"):
+    ap.add_argument("--model", help="a model folder (default: a tiny random Llama built in a temporary folder)")
+    for name in ("--corpus", "--out"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,7 +180,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(tiny_models.build_tiny_llama(Path(tmp) / "tiny-llama"))
+        model = args.model or str(tiny_models.build_tiny_llama(Path(tmp) / "tiny-llama"))
         output = args.output or str(Path(tmp) / "out")
         codes = [("after", ROOT)] + ([("before", args.before.resolve())] if args.before else [])
         for n in args.docs:
@@ -183,6 +193,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
             corpus.unlink()
     print()
+    print(f"executor: {args.executor}")
     print("| code | docs | corpus MB | driver peak RSS MB | first shard s | shards | tokens/s | run | load |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
