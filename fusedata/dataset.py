@@ -26,6 +26,7 @@ import fusedata
 from fusedata.errors import UsageError
 from schemas.common import without_descriptions
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from schemas.topk import INPUT_KEY
 
 RUN_NAME = "_run.json"
 SHARD_GLOB = "shard-*.parquet"
@@ -289,7 +290,9 @@ class DatasetDir:
             p = self.shard_path(name)
             meta = pq.read_metadata(p)
             tokens = _token_count(p)
-            entries.append(ShardEntry(name, meta.num_rows, tokens, p.stat().st_size, sha256_file(p)))
+            read = json.loads((meta.metadata or {}).get(INPUT_KEY, b"{}"))  # what an extract worker read
+            entries.append(ShardEntry(name, meta.num_rows, tokens, p.stat().st_size, sha256_file(p),
+                                      read.get("sha256", "")))
         manifest = Manifest(
             kind=kind,
             fusedata_version=fusedata.__version__,

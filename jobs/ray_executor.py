@@ -1,17 +1,23 @@
 """The one adapter from a fusedata stage to Ray Data.
 
-Each input shard becomes one row of a Ray dataset; `map_batches` runs a pool of actors that
-ask for the stage's `resources`, load the model once (`setup()`) and call the same
-`process_shard` the local executor uses, so a shard is written atomically by whichever worker
-computed it. Output folders must be on
-storage every node sees (a shared filesystem) when running on a multi-node cluster.
+The driver only plans: each task becomes one row of a Ray dataset holding its small descriptor (the
+shard's name and what the worker is to read, e.g. extract's corpus byte ranges), never its data.
+`map_batches` runs a pool of actors that ask for the stage's `resources`, load the model once
+(`setup()`), read their own input and call the same `process_shard` the local executor uses, so a
+shard is written atomically by whichever worker computed it. Results stream back as shards finish;
+tokens are reported live to a small progress actor that the driver polls. A shard that fails on bad
+input comes back as an error row (the others go on); an actor that dies is restarted by Ray Data and
+its shard redone. Output folders must be on storage every node sees when running on several nodes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,37 +26,72 @@ import ray
 
 from fusedata.dataset import DatasetDir
 from fusedata.errors import UsageError
-from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_shard
+from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_or_report
 from jobs.embedded_ray import LOOPBACK, start_local_ray
+
+REPORT_EVERY_S = 0.5  # how often a worker sends its token count, and the driver reads the total
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Tokens the workers have processed so far (they add, the driver takes what is new)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def total(self) -> int:
+        return self.tokens
 
 
 class _ShardWorker:
-    def __init__(self, stage: Stage, out_path: str) -> None:
+    def __init__(self, stage: Stage, out_path: str, counter: Any) -> None:
         self.stage = stage
         self.stage.setup()
         self.out = DatasetDir(out_path)
+        self.counter = counter
+        self.pending, self.sent_at = 0, time.monotonic()
+
+    def _tokens(self, n: int) -> None:
+        self.pending += n
+        if time.monotonic() - self.sent_at >= REPORT_EVERY_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.counter.add.remote(self.pending)  # fire and forget: progress never slows the work
+        self.pending, self.sent_at = 0, time.monotonic()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = []
-        for row in batch.to_pylist():
-            table = pa.Table.from_pylist(row["rows"]) if row["rows"] is not None else None
-            r = process_shard(self.stage, Task(row["name"], table), self.out)
-            results.append(r.__dict__)
+        for name, source, rows in zip(batch.column("name").to_pylist(), batch.column("source").to_pylist(),
+                                      batch.column("rows").to_pylist(), strict=True):
+            task = Task(name, pickle.loads(source) if source is not None else None, rows)
+            results.append(process_or_report(self.stage, task, self.out, self._tokens).__dict__)
+            self._flush()
         return pa.Table.from_pylist(results)
 
     def __del__(self) -> None:  # Ray Data has no actor teardown hook: stop engines when the actor goes
         self.stage.teardown()
 
 
-def _bind_worker(stage: Stage, out_path: str) -> type:
+def _bind_worker(stage: Stage, out_path: str, counter: Any) -> type:
     """A worker class with its arguments captured (pickled with the class), so Ray Data needs
     no constructor arguments in the object store and can restart a lost actor."""
 
     class ShardWorker(_ShardWorker):
         def __init__(self) -> None:
-            super().__init__(stage, out_path)
+            super().__init__(stage, out_path, counter)
 
     return ShardWorker
+
+
+def task_rows(tasks: list[Task]) -> list[dict[str, Any]]:
+    """The dataset's rows: each task's name, planned rows and pickled source descriptor (bytes)."""
+    return [{"name": t.name, "source": pickle.dumps(t.source) if t.source is not None else None, "rows": t.rows}
+            for t in tasks]
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, log: Callable[[str], None] | None = None) -> None:
@@ -113,19 +154,43 @@ class RayExecutor:
         if self.cpus_per_worker:
             wants = Resources(cpus=self.cpus_per_worker, gpus=wants.gpus)
         cpus, gpus = actor_resources(wants, ray.cluster_resources(), self.workers)
-        items = [{"name": t.name, "rows": t.table.to_pylist() if t.table is not None else None} for t in tasks]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        counter = ProgressCounter.options(name=None).remote()
+        ds = ray.data.from_items(task_rows(tasks), override_num_blocks=len(tasks))
         results = ds.map_batches(
-            _bind_worker(stage, str(out.path.resolve())),
+            _bind_worker(stage, str(out.path.resolve()), counter),
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=cpus,
             **({"num_gpus": gpus} if gpus else {}),
         )
-        done = []
-        for row in results.iter_rows():
-            result = ShardResult(**row)
-            progress.shard_done(result)
-            done.append(result)
+        done: list[ShardResult] = []
+        stop = threading.Event()
+        seen = [0]
+
+        def poll() -> None:  # live tokens while shards are under way
+            while not stop.wait(REPORT_EVERY_S):
+                try:
+                    total = ray.get(counter.total.remote(), timeout=10)
+                except Exception:  # progress is best effort
+                    continue
+                if total > seen[0]:
+                    progress.add(tokens=total - seen[0])
+                    seen[0] = total
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            for row in results.iter_rows():
+                result = ShardResult(**row)
+                progress.shard_done(result, count_tokens=False)
+                done.append(result)
+        finally:
+            stop.set()
+            poller.join()
+        # what the counter has not shown yet: the shards' own totals are exact
+        missing = sum(r.tokens for r in done) - seen[0]
+        if missing > 0:
+            progress.add(tokens=missing)
+        ray.kill(counter)
         return done

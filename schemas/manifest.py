@@ -23,6 +23,7 @@ class ShardEntry:
     tokens: int
     bytes: int
     sha256: str
+    input_sha256: str = ""  # extract: sha256 of the input its worker read (schemas/topk.py INPUT_KEY); else ""
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Manifest:
 
     def to_json(self) -> str:
         d = asdict(self)
+        for entry in d["shards"]:  # only extract shards record their input
+            if not entry["input_sha256"]:
+                del entry["input_sha256"]
         d["rows"], d["tokens"] = self.rows, self.tokens
         return json.dumps(d, indent=2, sort_keys=False)
 

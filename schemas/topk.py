@@ -13,6 +13,12 @@ from schemas.common import column, with_kind
 
 TOPK_SCHEMA_VERSION = 1
 
+# Each extract shard's file metadata: what its worker read, as JSON: `sha256` of the input bytes
+# (JSONL lines, whole text files; for Parquet the ids and texts of its rows), `bytes`, and the
+# documents read / empty ones skipped / bad lines skipped. The manifest's corpus figures are summed
+# from these, and `input_sha256` of each manifest shard entry is this hash.
+INPUT_KEY = b"fusedata.input"
+
 SPAN = "the window's span in the document's UTF-8 bytes"
 TOKEN_OFFSETS = "byte offsets of each token in the document (BOS: empty span)"
 

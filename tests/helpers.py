@@ -22,6 +22,16 @@ def unreadable(path: Path, monkeypatch) -> Iterator[Path]:
             return real(self)
 
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        import fusedata.corpus
+
+        real_open = fusedata.corpus._open_file
+
+        def open_input(f):  # the corpus reader opens its files through pyarrow
+            if Path(f.path) == Path(path).absolute():
+                raise PermissionError(errno.EACCES, "Permission denied", f.path)
+            return real_open(f)
+
+        monkeypatch.setattr(fusedata.corpus, "_open_file", open_input)
     try:
         yield path
     finally:

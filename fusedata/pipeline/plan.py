@@ -10,10 +10,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fusedata.codec import DEFAULT_CODEC
+from fusedata.errors import check_options, choice
 from fusedata.pipeline.config import Pipeline, load_pipeline
 from fusedata.pipeline.run import EvalStep, TrainStep
 from schemas.manifest import MANIFEST_NAME
@@ -239,4 +241,115 @@ def render_plan(plan: dict[str, Any]) -> str:
     d = plan["disk"]
     lines.append(f"free disk at {d['path']}: {_fmt_bytes(d['free_bytes'])}")
     lines += [f"warning: {w}" for w in plan["warnings"]]
+    return "\n".join(lines)
+
+
+# -- what-if: a corpus and models that are not on this machine --------------------------------------
+# Throughput assumptions of `plan_scale` (stated in its output): a dense forward costs 2·params FLOPs
+# per token, a training step (forward + backward) 6·params; a GPU sustains `mfu` of its dense bf16
+# peak (312 TFLOP/s: an A100; an H100 SXM is ~989) on long prefill batches; align and fuse run on CPU
+# cores at the per-core rates above (ALIGN_POSITIONS_PER_S, FUSE_POSITIONS_PER_S).
+FORWARD_FLOPS_PER_PARAM, TRAIN_FLOPS_PER_PARAM = 2.0, 6.0
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """A what-if run: `models` models of `params` parameters each over `docs` documents of `tokens`
+    tokens (per model: tokenizers differ, take the largest), on `gpus` GPUs and `cpus` cores."""
+
+    docs: int = 1_000_000  # MiniPile: 1M documents
+    tokens: float = 1.8e9  # and ~1.8B tokens
+    models: int = 3  # the target and two sources, as in FuseLLM
+    params: float = 7e9
+    gpus: int = 8
+    cpus: int = 64  # cores for align and fuse
+    top_k: int = 10
+    codec: str = DEFAULT_CODEC
+    gpu_tflops: float = 312.0  # dense bf16 peak of one GPU
+    mfu: float = 0.4  # share of that peak sustained
+    train: bool = True  # include distilling into the target (one epoch over the fused positions)
+    docs_per_shard: int = 64
+
+    def __post_init__(self) -> None:
+        check_options([
+            ("docs", self.docs >= 1, f"must be >= 1, got {self.docs}"),
+            ("tokens", math.isfinite(self.tokens) and self.tokens > self.docs,
+             f"must be more than the documents ({self.docs:,}), got {self.tokens:g}"),
+            ("models", self.models >= 1, f"must be >= 1, got {self.models}"),
+            ("params", math.isfinite(self.params) and self.params > 0, f"must be > 0, got {self.params:g}"),
+            ("gpus", self.gpus >= 1, f"must be >= 1, got {self.gpus}"),
+            ("cpus", self.cpus >= 1, f"must be >= 1, got {self.cpus}"),
+            ("top_k", self.top_k >= 1, f"must be >= 1, got {self.top_k}"),
+            choice("codec", self.codec, ("zq", "raw")),  # the codecs bytes_per_position knows
+            ("gpu_tflops", math.isfinite(self.gpu_tflops) and self.gpu_tflops > 0, f"must be > 0, got {self.gpu_tflops:g}"),
+            ("mfu", 0 < self.mfu <= 1, f"must be in (0, 1], got {self.mfu:g}"),
+            ("docs_per_shard", self.docs_per_shard >= 1, f"must be >= 1, got {self.docs_per_shard}"),
+        ])
+
+
+def plan_scale(cfg: ScaleConfig) -> dict[str, Any]:
+    """Tokens, disk and hours per stage of a what-if run, and the stage that bounds it."""
+    positions = cfg.tokens - cfg.docs  # a document's n tokens predict n-1 positions
+    bpp = bytes_per_position(cfg.codec, cfg.top_k)
+    flops = cfg.gpu_tflops * 1e12 * cfg.mfu  # sustained FLOP/s of one GPU
+    extract_rate = cfg.gpus * flops / (FORWARD_FLOPS_PER_PARAM * cfg.params)  # tokens/s, all GPUs
+    stages = [{"stage": f"extract model {i + 1}", "group": "extract", "tokens": cfg.tokens,
+               "disk_bytes": positions * bpp, "tokens_per_s": extract_rate, "seconds": cfg.tokens / extract_rate,
+               "on": f"{cfg.gpus} GPUs"} for i in range(cfg.models)]
+    align_rate = ALIGN_POSITIONS_PER_S * cfg.cpus
+    stages += [{"stage": f"align source {i + 1}", "group": "align", "tokens": positions,
+                "disk_bytes": positions * (bpp - 1.0), "tokens_per_s": align_rate, "seconds": positions / align_rate,
+                "on": f"{cfg.cpus} cores"} for i in range(cfg.models - 1)]
+    fuse_rate = FUSE_POSITIONS_PER_S * cfg.cpus
+    stages.append({"stage": "fuse", "group": "fuse", "tokens": positions, "disk_bytes": positions * (bpp + 2.0),
+                   "tokens_per_s": fuse_rate, "seconds": positions / fuse_rate, "on": f"{cfg.cpus} cores"})
+    if cfg.train:
+        train_rate = cfg.gpus * flops / (TRAIN_FLOPS_PER_PARAM * cfg.params)
+        stages.append({"stage": "train target", "group": "train", "tokens": positions,
+                       "disk_bytes": cfg.params * 4 * 3,  # fp32 weights + two AdamW moments
+                       "tokens_per_s": train_rate, "seconds": positions / train_rate, "on": f"{cfg.gpus} GPUs"})
+    groups: dict[str, float] = {}
+    for s in stages:
+        groups[s["group"]] = groups.get(s["group"], 0.0) + s["seconds"]
+    bound = max(groups, key=lambda g: groups[g])  # ties: the earlier stage of the pipeline
+    return {
+        "config": asdict(cfg),
+        "positions": positions,
+        "bytes_per_position": bpp,
+        "disk_per_model_bytes": positions * bpp,
+        "shards": math.ceil(cfg.docs / cfg.docs_per_shard),
+        "stages": stages,
+        "groups_seconds": groups,
+        "total": {"seconds": sum(groups.values()), "disk_bytes": sum(s["disk_bytes"] for s in stages)},
+        "bound_by": bound,
+        "assumptions": [
+            f"forward {FORWARD_FLOPS_PER_PARAM:g}·params FLOPs/token, training {TRAIN_FLOPS_PER_PARAM:g}·params",
+            f"one GPU sustains {cfg.mfu:.0%} of {cfg.gpu_tflops:g} TFLOP/s: "
+            f"{extract_rate / cfg.gpus:,.0f} extract tokens/s per GPU at {cfg.params / 1e9:g}B params",
+            f"align {ALIGN_POSITIONS_PER_S:,.0f} and fuse {FUSE_POSITIONS_PER_S:,.0f} positions/s per core",
+            f"disk: {bpp:.1f} bytes/position ({cfg.codec}, k={cfg.top_k}; bytes_per_position)",
+            "stages run one after another; every model's tokens taken as --tokens",
+        ],
+    }
+
+
+def render_scale(plan: dict[str, Any]) -> str:
+    c = plan["config"]
+    lines = [f"what-if: {c['docs']:,} docs, {c['tokens']:,.0f} tokens, {c['models']} models of "
+             f"{c['params'] / 1e9:g}B params, {c['gpus']} GPUs, {c['cpus']} cores, k {c['top_k']}, codec {c['codec']}",
+             f"{plan['shards']:,} shards of {c['docs_per_shard']} docs; "
+             f"disk per model {_fmt_bytes(plan['disk_per_model_bytes'])}"]
+    header = f"{'stage':<18} {'tokens':>16} {'disk':>10} {'tok/s':>12} {'hours':>8}  on"
+    lines += ["", header, "-" * len(header)]
+    for s in plan["stages"]:
+        lines.append(f"{s['stage']:<18} {s['tokens']:>16,.0f} {_fmt_bytes(s['disk_bytes']):>10} "
+                     f"{s['tokens_per_s']:>12,.0f} {s['seconds'] / 3600:>8.2f}  {s['on']}")
+    t = plan["total"]
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<18} {'':>16} {_fmt_bytes(t['disk_bytes']):>10} {'':>12} {t['seconds'] / 3600:>8.2f}")
+    g = plan["groups_seconds"]
+    ranked = sorted(g, key=lambda k: -g[k])
+    lines.append(f"bounded by {plan['bound_by']}: {g[plan['bound_by']] / 3600:.2f} h of {t['seconds'] / 3600:.2f} h"
+                 + (f" (next: {ranked[1]}, {g[ranked[1]] / 3600:.2f} h)" if len(ranked) > 1 else ""))
+    lines += ["assumptions:"] + [f"  {a}" for a in plan["assumptions"]]
     return "\n".join(lines)

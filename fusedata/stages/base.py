@@ -13,10 +13,16 @@ and swapped in), only missing shards are computed, each written atomically, and 
 written last. An executor only decides where
 `process_shard` runs: the local one here in order, the Ray one (jobs/ray_executor.py) in actors
 that ask for the stage's `resources`, so local and cluster output are identical.
+
+A shard that fails on bad input (a `UsageError` from the stage: a malformed line, a null id) is
+reported by name and the other shards still run; the run then stops with all those errors, without
+a manifest, and the next run computes just the shards that are missing. Any other exception (a bug,
+an interrupt) stops the run at once.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +31,9 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 
 from fusedata.dataset import DatasetDir, refuse_input_inside, repair_dataset, same_run, verify_dataset
+from fusedata.errors import UsageError
 from schemas.manifest import Manifest
+from schemas.topk import INPUT_KEY
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,8 @@ class Resources:
 @dataclass
 class Task:
     name: str  # output shard file name
-    table: pa.Table | None = None  # input rows handed to the worker (extract's documents); None: read by name
+    source: Any = None  # what the worker reads (extract: its corpus pieces, small descriptors); None: by name
+    rows: int = 0  # input rows planned (extract: documents, estimated beyond the corpus probe), for progress
 
 
 @dataclass
@@ -49,6 +58,10 @@ class ShardResult:
     input_rows: int
     tokens: int
     seconds: float
+    error: str = ""  # the shard failed on bad input: why (nothing was written for it)
+
+
+INPUT_ROWS_KEY = "docs"  # a shard table's INPUT_KEY record counts the input rows the worker read
 
 
 class Stage:
@@ -100,9 +113,22 @@ def process_shard(stage: Stage, task: Task, out: DatasetDir, on_tokens: Callable
             on_tokens(n)
 
     table = stage.process(task, count)
-    out.write_shard(task.name, table, stage.schema)
-    rows_in = task.table.num_rows if task.table is not None else 0
+    schema, rows_in = stage.schema, 0
+    record = (table.schema.metadata or {}).get(INPUT_KEY)
+    if record is not None:  # what the worker read: kept in the shard file's metadata
+        schema = schema.with_metadata({**(schema.metadata or {}), INPUT_KEY: record})
+        rows_in = int(json.loads(record).get(INPUT_ROWS_KEY, 0))
+    out.write_shard(task.name, table, schema)
     return ShardResult(task.name, table.num_rows, rows_in, tokens, time.perf_counter() - t0)
+
+
+def process_or_report(stage: Stage, task: Task, out: DatasetDir, on_tokens: Callable[[int], None] | None = None) -> ShardResult:
+    """`process_shard`, with a failure on bad input returned as the shard's error (the run goes on)."""
+    t0 = time.perf_counter()
+    try:
+        return process_shard(stage, task, out, on_tokens)
+    except UsageError as exc:
+        return ShardResult(task.name, 0, 0, 0, time.perf_counter() - t0, error=str(exc))
 
 
 class Executor(Protocol):
@@ -119,12 +145,23 @@ class LocalExecutor:
         results = []
         try:
             for task in tasks:
-                result = process_shard(stage, task, out, progress.tokens)
+                result = process_or_report(stage, task, out, progress.tokens)
                 progress.shard_done(result, count_tokens=False)
                 results.append(result)
         finally:
             stage.teardown()
         return results
+
+
+class ShardsFailed(UsageError):
+    """Some shards failed on bad input; the others are written, the manifest is not."""
+
+    def __init__(self, where: Any, failed: list[ShardResult], total: int) -> None:
+        self.failed = failed
+        shown = "; ".join(f"{r.name}: {r.error}" for r in failed[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(f"{where}: {len(failed)} of {total} shard(s) failed, the others are written: {shown}{more} "
+                         "(the same command again computes only the missing shards)")
 
 
 @dataclass
@@ -171,12 +208,15 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
         todo = [t for t in tasks if t.name not in done]
         if len(todo) < len(tasks):
             log(f"{out.path}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already written")
-        docs = sum(t.table.num_rows for t in todo if t.table is not None) if stage.count_docs else None
+        docs = sum(t.rows for t in todo) if stage.count_docs else None
         progress = StageProgress(stage.label, len(todo), docs, quiet)
         try:
-            (executor or LocalExecutor()).run(stage, todo, work, progress)
+            results = (executor or LocalExecutor()).run(stage, todo, work, progress)
         finally:
             progress.close()
+        failed = [r for r in results if r.error]
+        if failed:
+            raise ShardsFailed(out.path, failed, len(tasks))
         manifest = work.finish(stage.kind, run, names, stage.stats(work, names, progress.rate()))
     if replacing:
         out.replace_with(work)

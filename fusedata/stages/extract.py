@@ -5,7 +5,9 @@ the same object runs in a test, in the local executor and inside a Ray actor. It
 to a fixed length (windows are batched by a token budget, padded only to the longest window
 of their batch) and computes the LM head in chunks of positions, so a 262k vocabulary never
 materialises a [B, T, V] logits tensor. Given an `ExtractJob` (the corpus and the output) it is
-also a dataset stage (fusedata/stages/base.py): one shard per `docs_per_shard` documents.
+also a dataset stage (fusedata/stages/base.py): the driver plans shards of about `docs_per_shard`
+documents from the corpus listing (fusedata/corpus.py), and each worker reads its own shard's
+pieces, recording the hash of what it read in the shard's metadata (schemas/topk.py INPUT_KEY).
 
 Targets (`targets`): "topk:K" (the default, K = top_k) keeps the K most probable ids; "sampled:N"
 keeps an unbiased estimate of the whole distribution instead (Sparse Logit Sampling): the model's
@@ -18,6 +20,8 @@ resumed run or another batching gives the same draws.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
-from fusedata.corpus import CorpusStats, corpus_hash, expand_inputs, read_corpus, shard_docs
+from fusedata.corpus import CorpusPlan, ReadOptions, plan_corpus, read_pieces
 from fusedata.dataset import DatasetDir, shard_name
 from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.models.spec import (
@@ -44,7 +48,7 @@ from fusedata.stages.base import Resources, Stage, Task
 from fusedata.topk import PAD_ID, TopK, merge_sparse, tail_mass
 from fusedata.windows import Window, batch_by_budget, tokenize_windows
 from schemas.manifest import Manifest
-from schemas.topk import topk_schema
+from schemas.topk import INPUT_KEY, topk_schema
 
 VLLM_CALL_TOKENS = 32768  # tokens handed to the vLLM engine per call
 # padded tokens per transformers forward when --batch-tokens is 0: on CPU small batches win
@@ -192,13 +196,12 @@ class ExtractStage(Stage):
         self.output = job.output if job else ""
         self.label = f"extract {config.model}"
         self.resources = Resources(gpus=1.0 if config.wants_gpu() else 0.0)
-        self._docs: pa.Table | None = None
-        self._cstats: CorpusStats | None = None
+        self._plan: CorpusPlan | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """What a Ray actor gets: settings and the resolved model, not the model, tokenizer or corpus."""
         state = dict(self.__dict__)
-        for key in ("model", "engine", "tokenizer", "_nbytes", "_docs"):
+        for key in ("model", "engine", "tokenizer", "_nbytes", "_plan"):
             state[key] = None
         return state
 
@@ -294,43 +297,57 @@ class ExtractStage(Stage):
         """The run record: the model's identity, and with a job the corpus and its sharding."""
         if self.job is None:
             return self.model_identity()
-        docs = self.docs()
+        # the corpus from its listing: skip_bad_lines is not part of it (it only decides whether a
+        # shard holding a bad line fails or skips it, so a rerun with it retries just those shards)
         return {
             "stage": "extract",
             **self.model_identity(),
-            "corpus_hash": corpus_hash(docs),
-            "docs": docs.num_rows,
+            "corpus_hash": self.plan().identity(),
             "docs_per_shard": self.job.docs_per_shard,
         }
 
     # -- the dataset stage (with a job) --------------------------------------------------
-    def docs(self) -> pa.Table:
-        """The job's corpus, read once in the driver."""
-        if self._docs is None:
+    def read_options(self) -> ReadOptions:
+        assert self.job is not None
+        return ReadOptions(self.job.text_field, self.job.id_field, self.job.skip_bad_lines)
+
+    def plan(self) -> CorpusPlan:
+        """The shard plan, from the corpus listing (made once, in the driver)."""
+        if self._plan is None:
             assert self.job is not None
-            self._docs, self._cstats = read_corpus(self.job.inputs, self.job.text_field, self.job.id_field,
-                                                   self.job.skip_bad_lines)
-        return self._docs
+            self._plan = plan_corpus(self.job.inputs, self.job.docs_per_shard, self.read_options())
+        return self._plan
 
     def inputs(self) -> list[str]:
-        return [str(p) for p, _ in expand_inputs(self.job.inputs)] if self.job else []
+        return [f.shown for f in self.plan().files] if self.job else []
 
     def tasks(self) -> list[Task]:
-        assert self.job is not None
-        return [Task(shard_name(i), t) for i, t in enumerate(shard_docs(self.docs(), self.job.docs_per_shard))]
+        plan = self.plan()
+        return [Task(shard_name(i), pieces, rows) for i, (pieces, rows) in enumerate(zip(plan.shards, plan.shard_docs,
+                                                                                          strict=True))]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        assert task.table is not None
-        return self(task.table, on_tokens)
+        """Read this shard's pieces (here, in the worker) and extract them; what was read goes
+        into the table's metadata (INPUT_KEY), which the shard file keeps."""
+        assert task.source is not None
+        docs, read = read_pieces(task.source, self.read_options())
+        table = self(docs, on_tokens)
+        record = {"sha256": read.sha256, "bytes": read.bytes_read, "docs": read.docs,
+                  "empty_skipped": read.empty_skipped, "bad_skipped": read.bad_skipped}
+        return table.replace_schema_metadata({**(table.schema.metadata or {}), INPUT_KEY: json.dumps(record).encode()})
 
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
         result = topk_stats(out, names)
-        cstats = self._cstats or CorpusStats()
+        read = result.pop("input")
+        if read["docs"] == 0:
+            raise UsageError("the corpus holds no non-empty documents")
         result.update(
-            files=cstats.files,
-            empty_docs_skipped=cstats.empty_skipped,
-            docs_too_short=self.docs().num_rows - result["docs"],  # fewer than two tokens: nothing to predict
-            bad_lines_skipped=cstats.bad_skipped,
+            files=len(self.plan().files),
+            empty_docs_skipped=read["empty_skipped"],
+            docs_too_short=read["docs"] - result["docs"],  # fewer than two tokens: nothing to predict
+            bad_lines_skipped=read["bad_skipped"],
+            input_bytes=read["bytes"],
+            input_sha256=read["sha256"],  # of the shards' input hashes, in order: the corpus content read
             tokens_per_second_this_run=round(rate, 1),
         )
         return result
@@ -466,33 +483,74 @@ class ExtractStage(Stage):
         return pa.table(cols, schema=self.schema)
 
 
+def _id_digests(ids: list[str]) -> np.ndarray:
+    """uint64 [len(ids)]: 8-byte digests of document ids (counting distinct documents over a
+    whole corpus costs 8 bytes each, not a set of strings in the driver)."""
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+                    dtype=np.uint64)
+
+
+def shard_input(meta: pq.FileMetaData) -> dict[str, Any]:
+    """What the worker of an extract shard read (schemas/topk.py INPUT_KEY); {} for older shards."""
+    raw = (meta.metadata or {}).get(INPUT_KEY)
+    return json.loads(raw) if raw else {}
+
+
 def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
-    """Summary statistics read back from the written shards (so a resumed run counts all)."""
+    """Summary statistics read back from the written shards (so a resumed run counts all), one
+    shard at a time; `input` sums what the workers read. A document id found in two shards is refused."""
     positions = 0
     ce_sum = 0.0
-    tokens = 0
-    docs: set[str] = set()
+    tokens = windows = 0
+    digests: list[np.ndarray] = []
     total_bytes = 0
+    read = {"docs": 0, "empty_skipped": 0, "bad_skipped": 0, "bytes": 0}
+    content = hashlib.sha256()  # the corpus's content identity: the workers' input hashes in shard order
     for name in names:
         path = out.shard_path(name)
-        t = pq.read_table(path, columns=["doc_id", "input_ids", "ce"])
+        pf = pq.ParquetFile(path)
+        t = pf.read(columns=["doc_id", "input_ids", "ce"])
         n = t.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
         # windows of n tokens predict n-1 positions (the BOS-prefixed ones too)
         pos = np.maximum(n - 1, 0)
         positions += int(pos.sum())
         tokens += int(n.sum())
+        windows += t.num_rows
         ce_sum += float((t.column("ce").to_numpy() * pos).sum())
-        docs.update(t.column("doc_id").to_pylist())
+        digests.append(np.unique(_id_digests(t.column("doc_id").unique().to_pylist())))
+        record = shard_input(pf.metadata)
+        for key, value in record.items():
+            if key in read:
+                read[key] += value
+        content.update(record.get("sha256", "").encode())
         total_bytes += path.stat().st_size
+    every = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
+    distinct = np.unique(every)
+    if len(distinct) < len(every):
+        _refuse_duplicate(out, names, every)
     return {
-        "docs": len(docs),
-        "windows": sum(pq.read_metadata(out.shard_path(n)).num_rows for n in names),
+        "docs": int(len(distinct)),
+        "windows": windows,
         "tokens": tokens,
         "positions": positions,
         "mean_ce": ce_sum / max(positions, 1),
         "bytes": total_bytes,
         "bytes_per_token": total_bytes / max(positions, 1),
+        "input": read | {"sha256": content.hexdigest()},
     }
+
+
+def _refuse_duplicate(out: DatasetDir, names: list[str], every: np.ndarray) -> None:
+    values, counts = np.unique(every, return_counts=True)
+    twice = set(values[counts > 1].tolist())
+    found: dict[str, list[str]] = {}
+    for name in names:
+        for doc_id in pq.read_table(out.shard_path(name), columns=["doc_id"]).column("doc_id").unique().to_pylist():
+            if int(_id_digests([doc_id])[0]) in twice:
+                found.setdefault(doc_id, []).append(name)
+    doc_id, where = next((d, w) for d, w in found.items() if len(w) > 1)
+    raise UsageError(f"duplicate document id {doc_id!r} (in {where[0]} and {where[1]}): give each record a unique "
+                     "id field or rename the files")
 
 
 def run_extract(job: ExtractJob, executor: Any = None) -> Manifest:
