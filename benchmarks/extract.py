@@ -66,7 +66,7 @@ def environment() -> dict:
 
     import torch
 
-    model, flags = platform.processor(), set()
+    model, flags, mhz = platform.processor(), set(), 0.0
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -74,15 +74,42 @@ def environment() -> dict:
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("cpu MHz") and not mhz:
+                    mhz = float(line.split(":", 1)[1])
     except OSError:
         pass
     return {
-        "cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpus_online": os.cpu_count(),
+        "cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpu_mhz": mhz, "cpus_online": os.cpu_count(),
+        "kernel": platform.release(),
         "cores_bound": bound_cores(), "loadavg": list(os.getloadavg()),
         "OMP_NUM_THREADS (caller)": os.environ.get("OMP_NUM_THREADS", "unset"),
         "python": platform.python_version(), "torch (hf)": torch.__version__,
         "torch cpu capability (hf)": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def linear_flops_per_token(model: str) -> dict[str, float]:
+    """FLOPs of one token's matrix products (2 per multiply-add): the decoder layers' projections
+    and the LM head over the whole vocabulary (attention scores, norms and softmax left out: a few
+    % at windows of 256). From the converted model's config.json."""
+    from fusedata.models.cache import cache_root
+
+    cfg = json.loads((cache_root() / model / "config.json").read_text())
+    c = cfg.get("text_config", cfg)
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    per_layer = 2 * h * (2 * heads * hd + 2 * kv * hd) + 2 * 3 * h * c["intermediate_size"]  # q, o, k, v; gate, up, down
+    return {"layers": layers * per_layer, "lm_head": 2 * h * vocab, "total": layers * per_layer + 2 * h * vocab}
+
+
+def peak_flops_per_core(env: dict) -> float | None:
+    """fp32 FLOP/s of one core at the nominal clock with two FMA units (AVX-512: 16 lanes,
+    AVX2: 8): an upper bound no fp32 engine passes; turbo clocks may lift it by ~20-40 %."""
+    if not env.get("cpu_mhz"):
+        return None
+    lanes = 16 if "avx512f" in env["cpu_flags"] else 8 if "fma" in env["cpu_flags"] else 4
+    return 2 * 2 * lanes * env["cpu_mhz"] * 1e6
 
 
 def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: int, top_k: int) -> dict:
@@ -93,9 +120,10 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
     from fusedata.stages.extract import ExtractConfig, ExtractStage
     from fusedata.windows import batch_by_budget
 
-    backend = "vllm" if mode == "vllm" else "hf"  # "stage": the hf extract stage, timed like vllm
+    backend = "vllm" if mode.startswith("vllm") else "hf"  # "stage": the hf extract stage, timed like vllm
     if backend == "vllm":
         os.environ["FUSEDATA_VLLM_PROFILE"] = "1"  # phase timers in every vLLM process
+        os.environ["FUSEDATA_VLLM_MULTIPROCESS"] = "1" if mode == "vllm-mp" else "0"  # vLLM's own process layout
     threads = 0 if backend == "vllm" else len(bound_cores())  # hf: every core, whatever OMP_NUM_THREADS says
     stage = ExtractStage(ExtractConfig(model=model, top_k=top_k, max_length=max_length, batch_tokens=batch_tokens,
                                        backend=backend, threads=threads))
@@ -104,7 +132,7 @@ def _measure(model: str, mode: str, corpus: str, max_length: int, batch_tokens: 
     setup_s = time.perf_counter() - t_setup
     docs, _ = read_corpus([corpus])
     before = None
-    if mode in ("stage", "vllm"):  # the whole stage per pass, as `fusedata extract` runs a shard
+    if mode != "bare" and mode != "extract":  # the whole stage per pass, as `fusedata extract` runs a shard
         t_warm = time.perf_counter()
         stage(docs)  # warm-up on the same documents: an engine's first requests (new shapes) are slow
         setup_s += time.perf_counter() - t_warm
@@ -232,11 +260,14 @@ def main_vllm(args: argparse.Namespace, corpus: str, env: dict) -> dict:
             hf, vl = run_one(model, "stage", corpus, args), run_one(model, "vllm", corpus, args)
             rounds.append({"hf": hf, "vllm": vl, "ratio": vl["tok_s"] / hf["tok_s"],
                            "cpu_ratio": (vl["tokens"] / vl["cpu_s"]) / (hf["tokens"] / hf["cpu_s"])})
+            if args.vllm_multiprocess:  # the same engine in vLLM's own three-process layout
+                mp = run_one(model, "vllm-mp", corpus, args)
+                rounds[-1].update({"vllm_mp": mp, "mp_ratio": mp["tok_s"] / hf["tok_s"]})
             print(f"{model} round {r + 1}: hf {hf['tok_s']:,.0f} tok/s, vllm {vl['tok_s']:,.0f} tok/s, "
                   f"ratio {rounds[-1]['ratio']:.2f} (load {vl['loadavg_after'][0]:.1f})", file=sys.stderr)
         phase_names = list(rounds[0]["vllm"]["vllm"]["phases_s"])
         results[model] = {
-            "tokens": rounds[0]["hf"]["tokens"], "rounds": rounds,
+            "tokens": rounds[0]["hf"]["tokens"], "rounds": rounds, "flops_per_token": linear_flops_per_token(model),
             "ratio": _spread([x["ratio"] for x in rounds]), "cpu_ratio": _spread([x["cpu_ratio"] for x in rounds]),
             "phase_share_median": {
                 name: statistics.median(x["vllm"]["vllm"]["phases_s"][name] / x["vllm"]["seconds"] for x in rounds)
@@ -263,6 +294,32 @@ def main_vllm(args: argparse.Namespace, corpus: str, env: dict) -> dict:
         r, c = res["ratio"], res["cpu_ratio"]
         print(f"| {model} | {r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | "
               f"{c['min']:.2f} / {c['median']:.2f} / {c['max']:.2f} |")
+        if "vllm_mp" in res["rounds"][0]:
+            mp = _spread([x["mp_ratio"] for x in res["rounds"]])
+            par = [x["vllm_mp"]["vllm"]["forward_cpu_per_wall"] or 0.0 for x in res["rounds"]]
+            cpus = {p["role"]: p["cpu_s"] for p in res["rounds"][0]["vllm_mp"]["vllm"]["processes"]}
+            print(f"| {model}, vLLM's own layout (FUSEDATA_VLLM_MULTIPROCESS=1) | {mp['min']:.2f} / {mp['median']:.2f} / "
+                  f"{mp['max']:.2f} | model worker CPU ÷ wall {statistics.median(par):.2f}; CPU s per process "
+                  f"(round 1) {', '.join(f'{k} {v:.1f}' for k, v in cpus.items())} |")
+    peak = peak_flops_per_core(env)
+    peak_text = "unknown" if peak is None else f"{peak / 1e9:.0f} GFLOP/s per core at {env['cpu_mhz']:.0f} MHz"
+    print("\nwhat the arithmetic allows: fp32 FLOPs of the matrix products per token, the machine's peak on the "
+          f"bound cores ({peak_text}), and the GFLOP each backend gets out of one CPU-second (medians over rounds)\n")
+    print("| model | GFLOP per token (layers + LM head) | ceiling tok/s | hf tok/s (% of ceiling) | "
+          "vllm tok/s (% of ceiling) | hf GFLOP per CPU-s | vllm GFLOP per CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model, res in results.items():
+        f = res["flops_per_token"]
+        ceiling = None if peak is None else peak * len(env["cores_bound"]) / f["total"]
+        res["ceiling_tok_s"] = ceiling
+        hf = statistics.median(x["hf"]["tok_s"] for x in res["rounds"])
+        vl = statistics.median(x["vllm"]["tok_s"] for x in res["rounds"])
+        hf_eff = statistics.median(x["hf"]["tokens"] * f["total"] / x["hf"]["cpu_s"] / 1e9 for x in res["rounds"])
+        vl_eff = statistics.median(x["vllm"]["tokens"] * f["total"] / x["vllm"]["cpu_s"] / 1e9 for x in res["rounds"])
+        pct_hf, pct_vl = ("", "") if ceiling is None else (f" ({hf / ceiling:.0%})", f" ({vl / ceiling:.0%})")
+        print(f"| {model} | {f['total'] / 1e9:.3f} ({f['layers'] / 1e9:.3f} + {f['lm_head'] / 1e9:.3f}) | "
+              f"{'-' if ceiling is None else f'{ceiling:,.0f}'} | {hf:,.0f}{pct_hf} | {vl:,.0f}{pct_vl} | "
+              f"{hf_eff:.0f} | {vl_eff:.0f} |")
     for model, res in results.items():
         print(f"\nwhere a vLLM pass's wall time goes ({model}, median share over rounds; timed inside vLLM's processes)\n")
         print("| phase | share of the pass | seconds (round 1) |")
@@ -305,6 +362,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--per-domain", type=int, default=8)
     p.add_argument("--vllm", action="store_true", help="time the extract stage with --backend vllm vs hf instead")
+    p.add_argument("--vllm-multiprocess", action="store_true",
+                   help="with --vllm, also time vLLM's own process layout (engine core and model worker apart)")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -91,9 +91,10 @@ _OVERRIDDEN = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFIN
 def engine_env(base: dict[str, str], cores: list[int], multiprocess: bool = False) -> dict[str, str]:
     """The vLLM worker's environment for computing on `cores`.
 
-    In one process (the default): vLLM's engine core and model runner run inside the worker
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0), whose torch runs len(cores) OpenMP threads and which
-    keeps itself to `cores` (the worker's --cores). vLLM's own layout (multiprocess=True, or
+    In one process (the default on CPU): vLLM's engine core and model runner run inside the
+    worker (it sets VLLM_ENABLE_V1_MULTIPROCESSING=0 once it sees a CPU platform; a GPU keeps
+    vLLM's layout), whose torch runs len(cores) OpenMP threads and which keeps itself to `cores`
+    (the worker's --cores). vLLM's own layout (multiprocess=True, or
     FUSEDATA_VLLM_MULTIPROCESS=1) adds an engine-core process, which polls for the model
     worker's result all through every step, and a model-worker process whose OpenMP threads are
     pinned one per core: on a 2-core machine shared with anything, the pinned thread whose core
@@ -102,7 +103,6 @@ def engine_env(base: dict[str, str], cores: list[int], multiprocess: bool = Fals
     if multiprocess:
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
     else:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env["OMP_NUM_THREADS"] = str(len(cores))
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
@@ -168,7 +168,7 @@ class VllmEngine:
             "--model", model_path, "--max-logprobs", str(max_logprobs), "--max-model-len", str(max_model_len + 1),
             "--kv-cache-bytes", str(int(kv_cache_gb * (1 << 30))), "--dtype", dtype,
             "--max-num-batched-tokens", str(batch_tokens),  # 0: the worker picks (see its batch_tokens)
-            "--cores", ",".join(str(c) for c in self.cores),
+            "--cores", ",".join(str(c) for c in self.cores), "--layout", "vllm" if multiprocess else "one-process",
         ]
         if trust_remote_code(ModelRef(model_path, model_path)):  # refuses a folder that asks for code
             cmd.append("--trust-remote-code")

@@ -296,7 +296,12 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
     import torch
     import vllm
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
+    if args.layout == "one-process" and current_platform.is_cpu():
+        # engine core and model runner in this process: no engine-core process polling for the
+        # model's result through every step on cores the model needs (fusedata/vllm_backend.py)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     profile = os.environ.get(PROFILE_ENV)
     if profile:
         PhaseTimers(profile).install()
@@ -359,6 +364,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=0, help="0: 2048 on CPU, else vLLM's default")
     p.add_argument("--trust-remote-code", action="store_true", help="let the model folder's own Python code run")
     p.add_argument("--cores", default="", help="comma-separated cores this process keeps to (before torch starts)")
+    p.add_argument("--layout", choices=("one-process", "vllm"), default="one-process",
+                   help="on CPU, run vLLM's engine core and model runner here, or in vLLM's own processes")
     args = p.parse_args()
     if args.cores and hasattr(os, "sched_setaffinity"):
         # the process, not each thread: OpenMP's threads may move between these cores

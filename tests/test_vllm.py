@@ -147,14 +147,15 @@ def test_core_specs_parse_and_refuse():
 
 def test_engine_env_sets_threads_whatever_the_caller_inherited():
     caller = {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "0", "VLLM_CPU_KVCACHE_SPACE": "40",
+              "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
               "VLLM_CPU_OMP_THREADS_BIND": "auto", "PYTHONPATH": "/x", "HOME": "/root"}
     env = engine_env(caller, [0, 1, 2])
-    assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == "3"
     assert env["HOME"] == "/root"
     assert not {"GOMP_CPU_AFFINITY", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH"} & set(env)
     mp = engine_env(caller, [0, 1, 2], multiprocess=True)  # vLLM's own layout: it pins one thread per core
     assert mp["VLLM_CPU_OMP_THREADS_BIND"] == "0,1,2" and "OMP_NUM_THREADS" not in mp
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in mp
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and "VLLM_ENABLE_V1_MULTIPROCESSING" not in mp
     assert "one core" in core_warning([1]) and core_warning([0, 1]) is None
 
 
