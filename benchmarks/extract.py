@@ -294,13 +294,18 @@ def main_vllm(args: argparse.Namespace, corpus: str, env: dict) -> dict:
         r, c = res["ratio"], res["cpu_ratio"]
         print(f"| {model} | {r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | "
               f"{c['min']:.2f} / {c['median']:.2f} / {c['max']:.2f} |")
-        if "vllm_mp" in res["rounds"][0]:
-            mp = _spread([x["mp_ratio"] for x in res["rounds"]])
-            par = [x["vllm_mp"]["vllm"]["forward_cpu_per_wall"] or 0.0 for x in res["rounds"]]
-            cpus = {p["role"]: p["cpu_s"] for p in res["rounds"][0]["vllm_mp"]["vllm"]["processes"]}
-            print(f"| {model}, vLLM's own layout (FUSEDATA_VLLM_MULTIPROCESS=1) | {mp['min']:.2f} / {mp['median']:.2f} / "
-                  f"{mp['max']:.2f} | model worker CPU ÷ wall {statistics.median(par):.2f}; CPU s per process "
-                  f"(round 1) {', '.join(f'{k} {v:.1f}' for k, v in cpus.items())} |")
+    for model, res in results.items():
+        if "vllm_mp" not in res["rounds"][0]:
+            continue
+        mp = _spread([x["mp_ratio"] for x in res["rounds"]])
+        print(f"\n{model}, vLLM's own three-process layout (FUSEDATA_VLLM_MULTIPROCESS=1) in the same rounds: vllm ÷ hf "
+              f"{mp['min']:.2f} / {mp['median']:.2f} / {mp['max']:.2f} (min / median / max)")
+        for i, x in enumerate(res["rounds"], 1):
+            v = x["vllm_mp"]["vllm"]
+            cpus = ", ".join(f"{p['role']} {p['cpu_s']:.1f}" for p in v["processes"])
+            par = v["forward_cpu_per_wall"]
+            print(f"- round {i}: {x['vllm_mp']['tok_s']:,.0f} tok/s, model worker CPU ÷ wall "
+                  f"{'-' if par is None else f'{par:.2f}'}, CPU seconds per process: {cpus}")
     peak = peak_flops_per_core(env)
     peak_text = "unknown" if peak is None else f"{peak / 1e9:.0f} GFLOP/s per core at {env['cpu_mhz']:.0f} MHz"
     print("\nwhat the arithmetic allows: fp32 FLOPs of the matrix products per token, the machine's peak on the "

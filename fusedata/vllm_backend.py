@@ -138,11 +138,10 @@ class VllmEngine:
 
     def __init__(self, model_path: str, max_logprobs: int, max_model_len: int, kv_cache_gb: float = 1.0,
                  threads: str = "", dtype: str = "float32", python: str | os.PathLike | None = None,
-                 log_lines: int = 60, batch_tokens: int = 0, profile: bool | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 log_lines: int = 60, batch_tokens: int = 0, profile: bool | None = None) -> None:
         """threads: the cores to compute on ('0-3'; '' = every core this process may use);
         profile: phase timers in every vLLM process (default: FUSEDATA_VLLM_PROFILE=1), read
-        back as .profile after each topk call; extra_env: set in the worker's environment last."""
+        back as .profile after each topk call."""
         self.python = Path(python) if python else vllm_python()
         self.max_logprobs = max_logprobs
         # vLLM refuses a prompt as long as max_model_len (it must leave room for one output token)
@@ -155,7 +154,6 @@ class VllmEngine:
         multiprocess = os.environ.get("FUSEDATA_VLLM_MULTIPROCESS", "") not in ("", "0")
         env = engine_env(dict(os.environ), self.cores, multiprocess)
         env["VLLM_CACHE_ROOT"] = env.get("VLLM_CACHE_ROOT") or str(cache)
-        env.update(extra_env or {})
         if profile is None:
             profile = os.environ.get("FUSEDATA_VLLM_PROFILE", "") not in ("", "0")
         self._profile_dir = tempfile.TemporaryDirectory(prefix="fusedata-vllm-profile-") if profile else None
