@@ -23,15 +23,150 @@ imported, so nothing vLLM (or a process it spawns) prints can corrupt the protoc
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import io
+import json
 import os
 import struct
 import sys
+import threading
+import time
 import traceback
 
 import numpy as np
 
 HEADER = struct.Struct("<Q")
+PROFILE_ENV = "FUSEDATA_VLLM_PROFILE_DIR"  # set: every vLLM process writes its phase timers there
+
+# The phases of one engine step, as (module, class, method): each is timed where it runs, which
+# is the engine-core and model-worker processes when vLLM runs them apart (multiprocessing on).
+PHASES = {
+    "schedule": ("vllm.v1.core.sched.scheduler", "Scheduler", ("schedule", "update_from_output")),
+    "engine_step": ("vllm.v1.engine.core", "EngineCore", ("step",)),
+    "model_runner": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", ("execute_model", "sample_tokens")),
+    "forward": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", ("_model_forward",)),
+    "prompt_logprobs": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", ("_get_prompt_logprobs_dict",)),
+    "output_processing": ("vllm.v1.engine.output_processor", "OutputProcessor", ("process_outputs",)),
+}
+
+
+class PhaseTimers:
+    """Wall seconds and calls per phase in this process, written to PROFILE_ENV/<pid>.json
+    after every timed call (a few per engine step), so the frontend can add up all processes."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, f"{os.getpid()}.json")
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.facts: dict[str, object] = {"pid": os.getpid(), "argv0": sys.argv[0] if sys.argv else ""}
+        self._lock = threading.Lock()
+
+    def wrap(self, phase: str, fn):
+        @functools.wraps(fn)
+        def timed(obj, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(obj, *args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+                    self.calls[phase] = self.calls.get(phase, 0) + 1
+                if phase == "forward" and "model_worker" not in self.facts:
+                    try:
+                        self.facts["model_worker"] = model_worker_facts(obj)
+                    except Exception as e:  # a report, never a reason to fail the step
+                        self.facts["model_worker"] = {"error": repr(e)}
+                self.dump()
+        return timed
+
+    def install(self) -> None:
+        for phase, (module, cls, methods) in PHASES.items():
+            klass = getattr(importlib.import_module(module), cls)
+            for name in methods:
+                setattr(klass, name, self.wrap(phase, getattr(klass, name)))
+        self.dump()
+
+    def dump(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"seconds": self.seconds, "calls": self.calls, "facts": self.facts,
+                       "cpu_s": time.process_time()}, f)
+        os.replace(tmp, self.path)
+
+
+def read_timers(folder: str) -> dict:
+    """Every process's timers: {"seconds": {phase: s}, "calls": ..., "facts": [per process]}."""
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    facts = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                one = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for k, v in one["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        for k, v in one["calls"].items():
+            calls[k] = calls.get(k, 0) + v
+        facts.append({**one["facts"], "cpu_s": one["cpu_s"], "phases": sorted(one["seconds"])})
+    return {"seconds": seconds, "calls": calls, "facts": facts}
+
+
+def thread_cores() -> list[str]:
+    """The cores each thread of this process may run on (Cpus_allowed_list), e.g. ['0', '1', '0-1']."""
+    out = []
+    for tid in sorted(os.listdir("/proc/self/task"), key=int):
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("Cpus_allowed_list"))
+            out.append(line.split(":", 1)[1].strip())
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def model_worker_facts(runner) -> dict:
+    """What the process running the model uses: torch threads, the cores its threads are bound
+    to, OpenMP settings, the kernels vLLM picked (attention backend, GEMM) and the KV cache."""
+    import torch
+
+    facts: dict[str, object] = {
+        "torch_threads": torch.get_num_threads(),
+        "thread_cores": thread_cores(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GOMP_CPU_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND",
+                                               "KMP_AFFINITY", "LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND")
+                if os.environ.get(k)},
+    }
+    try:
+        facts["attention_backend"] = sorted({g.backend.get_name() for gs in runner.attn_groups for g in gs})
+    except Exception as e:  # internal layout of this vLLM version
+        facts["attention_backend"] = f"unknown ({type(e).__name__})"
+    gemm = set()
+    for module in runner.model.modules():
+        fn = getattr(module, "cpu_linear", None)
+        if fn is not None:
+            code = getattr(fn, "__code__", None)
+            names = set(code.co_names) if code else {getattr(fn, "__name__", "?")}
+            gemm |= names & {"onednn_mm", "weight_packed_linear_cpu", "zentorch_linear_unary", "linear"}
+    facts["gemm"] = sorted(gemm)
+    try:
+        cache = runner.cache_config
+        facts["kv_cache"] = {"block_size": cache.block_size, "num_blocks": cache.num_gpu_blocks,
+                             "bytes": cache.kv_cache_memory_bytes}
+    except Exception as e:
+        facts["kv_cache"] = f"unknown ({type(e).__name__})"
+    return facts
+
+
+if os.environ.get(PROFILE_ENV) and __name__ == "__mp_main__":
+    # a process vLLM spawned re-imports this file as __mp_main__: time its phases too
+    PhaseTimers(os.environ[PROFILE_ENV]).install()
 
 
 def read_frame(f) -> bytes | None:
@@ -158,9 +293,18 @@ def batch_tokens(requested: int) -> dict[str, int]:
 
 
 def serve(args: argparse.Namespace, fin, fout) -> None:
+    import torch
     import vllm
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
+    if args.layout == "one-process" and current_platform.is_cpu():
+        # engine core and model runner in this process: no engine-core process polling for the
+        # model's result through every step on cores the model needs (fusedata/vllm_backend.py)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    profile = os.environ.get(PROFILE_ENV)
+    if profile:
+        PhaseTimers(profile).install()
     llm = LLM(
         model=args.model,
         max_logprobs=args.max_logprobs,
@@ -173,7 +317,10 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
         trust_remote_code=args.trust_remote_code,  # False unless fusedata's opt-in was given
         **batch_tokens(args.max_num_batched_tokens),
     )
-    write_frame(fout, {"ready": np.array(vllm.__version__)})
+    facts = {"vllm": vllm.__version__, "torch": torch.__version__,
+             "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
+             "frontend_thread_cores": thread_cores(), "frontend_torch_threads": torch.get_num_threads()}
+    write_frame(fout, {"ready": np.array(vllm.__version__), "facts": np.array(json.dumps(facts))})
     while True:
         data = read_frame(fin)
         if not data:
@@ -189,13 +336,20 @@ def serve(args: argparse.Namespace, fin, fout) -> None:
             bounds = np.concatenate([[0], np.cumsum(lengths)])
             seqs = [flat_ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
             params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+            t0 = time.perf_counter()
             outs = llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False)
+            t1 = time.perf_counter()
             parts = [positions(o.prompt_logprobs, s, k) for o, s in zip(outs, seqs, strict=True)]
-            write_frame(fout, {
+            reply = {
                 "ids": np.concatenate([p[0] for p in parts]).reshape(-1, k),
                 "logprobs": np.concatenate([p[1] for p in parts]).reshape(-1, k),
                 "gold": np.concatenate([p[2] for p in parts]),
-            })
+            }
+            if profile:  # cumulative timers of every vLLM process, and this call's generate and parse
+                timers = read_timers(profile)
+                timers["call"] = {"generate_s": t1 - t0, "parse_s": time.perf_counter() - t1}
+                reply["profile"] = np.array(json.dumps(timers))
+            write_frame(fout, reply)
         except Exception:
             write_frame(fout, {"error": np.array(traceback.format_exc())})
 
@@ -209,7 +363,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-batched-tokens", type=int, default=0, help="0: 2048 on CPU, else vLLM's default")
     p.add_argument("--trust-remote-code", action="store_true", help="let the model folder's own Python code run")
+    p.add_argument("--cores", default="", help="comma-separated cores this process keeps to (before torch starts)")
+    p.add_argument("--layout", choices=("one-process", "vllm"), default="one-process",
+                   help="on CPU, run vLLM's engine core and model runner here, or in vLLM's own processes")
     args = p.parse_args()
+    if args.cores and hasattr(os, "sched_setaffinity"):
+        # the process, not each thread: OpenMP's threads may move between these cores
+        os.sched_setaffinity(0, [int(c) for c in args.cores.split(",")])
     # keep the real stdout for frames; everything else written to fd 1 goes to stderr
     fout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -24,8 +24,8 @@ from fusedata.codec import codec_from_schema
 from fusedata.errors import UsageError
 from fusedata.models.cache import BUNDLED, PPL_TEXT_FILE, cache_root
 from fusedata.stages.extract import ExtractConfig, ExtractJob, ExtractStage, run_extract
-from fusedata.vllm_backend import vllm_python
-from fusedata.vllm_worker import positions
+from fusedata.vllm_backend import available_cores, core_warning, engine_env, parse_cores, vllm_python
+from fusedata.vllm_worker import PhaseTimers, positions, read_timers
 from schemas.manifest import Manifest
 
 LOCAL_CACHE = Path("/tmp/fdcache")
@@ -131,6 +131,49 @@ def test_missing_vllm_environment_says_make_vllm(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSEDATA_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
     with pytest.raises(UsageError, match="make vllm"):
         vllm_python()
+
+
+def test_core_specs_parse_and_refuse():
+    assert parse_cores("") == available_cores()
+    first = available_cores()[0]
+    assert parse_cores(f"{first}") == [first]
+    assert parse_cores(f"{first}-{first},{first}") == [first]
+    for bad in ("a", "3-1", "-1", "0,,1"):
+        with pytest.raises(UsageError, match="--vllm-threads"):
+            parse_cores(bad)
+    with pytest.raises(UsageError, match="not available"):
+        parse_cores("100000")
+
+
+def test_engine_env_sets_threads_whatever_the_caller_inherited():
+    caller = {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "0", "VLLM_CPU_KVCACHE_SPACE": "40",
+              "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+              "VLLM_CPU_OMP_THREADS_BIND": "auto", "PYTHONPATH": "/x", "HOME": "/root"}
+    env = engine_env(caller, [0, 1, 2])
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["HOME"] == "/root"
+    assert not {"GOMP_CPU_AFFINITY", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH"} & set(env)
+    mp = engine_env(caller, [0, 1, 2], multiprocess=True)  # vLLM's own layout: it pins one thread per core
+    assert mp["VLLM_CPU_OMP_THREADS_BIND"] == "0,1,2" and "OMP_NUM_THREADS" not in mp
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and "VLLM_ENABLE_V1_MULTIPROCESSING" not in mp
+    assert "one core" in core_warning([1]) and core_warning([0, 1]) is None
+
+
+def test_phase_timers_add_up_calls_across_processes(tmp_path):
+    class Step:
+        def run(self, n):
+            return sum(range(n))
+
+    timers = PhaseTimers(str(tmp_path))
+    Step.run = timers.wrap("prompt_logprobs", Step.run)
+    assert Step().run(10) == 45 and Step().run(5) == 10
+    (tmp_path / "999999.json").write_text(json.dumps(  # another process's timers
+        {"seconds": {"prompt_logprobs": 2.0, "schedule": 0.5}, "calls": {"prompt_logprobs": 1, "schedule": 3},
+         "facts": {"pid": 999999}, "cpu_s": 1.5}))
+    got = read_timers(str(tmp_path))
+    assert got["calls"] == {"prompt_logprobs": 3, "schedule": 3}
+    assert 2.0 < got["seconds"]["prompt_logprobs"] < 3.0 and got["seconds"]["schedule"] == 0.5
+    assert sorted(f["pid"] for f in got["facts"]) == sorted([999999, timers.facts["pid"]])
 
 
 def test_unknown_backend_is_a_usage_error():
