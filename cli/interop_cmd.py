@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import click
 
+from cli.options import config_default, config_field, verify_option
 from fusedata.interop.export import ExportConfig, ImportConfig
 from fusedata.interop.layouts import LAYOUTS
-
-# (not imported from cli.main, which imports this module: `python -m cli.main` would load it twice)
-verify_option = click.option(
-    "--verify/--no-verify", default=True, show_default=True,
-    help="Check every input shard against the sha256 in its manifest first; a damaged shard is refused by name.")
-
-
-def config_field(cls: type, name: str):
-    return next(f for f in fields(cls) if f.name == name)
-
-
-def config_default(cls: type, name: str):
-    return config_field(cls, name).default
 
 
 def _log(m: str) -> None:

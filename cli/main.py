@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from cli.options import config_default, config_field, verify_option
 from fusedata import __version__
 from fusedata.errors import UsageError
 
@@ -57,26 +58,6 @@ executor_options = [
     click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
                  help="Ray actors, each loading the model once."),
 ]
-
-
-verify_option = click.option(
-    "--verify/--no-verify", default=True, show_default=True,
-    help="Check every input shard against the sha256 in its manifest first; a damaged shard is refused by name.")
-
-
-def config_field(cls: type, name: str):
-    """A config dataclass's field: an option's default and choices are defined once, there."""
-    from dataclasses import fields
-
-    return next(f for f in fields(cls) if f.name == name)
-
-
-def config_default(cls: type, name: str):
-    from dataclasses import MISSING
-
-    value = config_field(cls, name).default
-    assert value is not MISSING, f"{cls.__name__}.{name} has no default"
-    return value
 
 
 def _config(kind: str) -> type:
