@@ -4,7 +4,7 @@ Each input shard becomes one row of a Ray dataset; `map_batches` runs a pool of 
 ask for the stage's `resources`, load the model once (`setup()`) and call the same
 `process_shard` the local executor uses, so a shard is written atomically by whichever worker
 computed it. Output folders must be on
-storage every node sees (a shared filesystem) when running on a multi-node cluster.
+storage every node sees (a shared filesystem or an object store: s3://…) on a multi-node cluster.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import ray
 from fusedata.dataset import DatasetDir
 from fusedata.errors import UsageError
 from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_shard
+from fusedata.storage import Location
 from jobs.embedded_ray import LOOPBACK, start_local_ray
 
 
 class _ShardWorker:
-    def __init__(self, stage: Stage, out_path: str) -> None:
+    def __init__(self, stage: Stage, out_path: Location) -> None:
         self.stage = stage
         self.stage.setup()
         self.out = DatasetDir(out_path)
@@ -42,7 +43,7 @@ class _ShardWorker:
         self.stage.teardown()
 
 
-def _bind_worker(stage: Stage, out_path: str) -> type:
+def _bind_worker(stage: Stage, out_path: Location) -> type:
     """A worker class with its arguments captured (pickled with the class), so Ray Data needs
     no constructor arguments in the object store and can restart a lost actor."""
 
@@ -116,7 +117,7 @@ class RayExecutor:
         items = [{"name": t.name, "rows": t.table.to_pylist() if t.table is not None else None} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         results = ds.map_batches(
-            _bind_worker(stage, str(out.path.resolve())),
+            _bind_worker(stage, out.path),  # a Location: pickled with its filesystem and settings
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.corpus import CorpusStats, corpus_hash, expand_inputs, read_corpus, shard_docs
-from fusedata.dataset import DatasetDir, shard_name
+from fusedata.dataset import DatasetDir, read_shard, shard_metadata, shard_name
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.models.spec import (
     ModelRef,
@@ -374,7 +373,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
     total_bytes = 0
     for name in names:
         path = out.shard_path(name)
-        t = pq.read_table(path, columns=["doc_id", "input_ids", "ce"])
+        t = read_shard(path, columns=["doc_id", "input_ids", "ce"])
         n = t.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
         # windows of n tokens predict n-1 positions (the BOS-prefixed ones too)
         pos = np.maximum(n - 1, 0)
@@ -382,10 +381,10 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
         tokens += int(n.sum())
         ce_sum += float((t.column("ce").to_numpy() * pos).sum())
         docs.update(t.column("doc_id").to_pylist())
-        total_bytes += path.stat().st_size
+        total_bytes += path.size()
     return {
         "docs": len(docs),
-        "windows": sum(pq.read_metadata(out.shard_path(n)).num_rows for n in names),
+        "windows": sum(shard_metadata(out.shard_path(n)).num_rows for n in names),
         "tokens": tokens,
         "positions": positions,
         "mean_ce": ce_sum / max(positions, 1),

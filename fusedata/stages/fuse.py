@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.dataset import (
@@ -30,6 +28,7 @@ from fusedata.dataset import (
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.fuse import fuse_tables
 from fusedata.stages.base import Stage, Task
+from fusedata.storage import locate
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
 
@@ -74,8 +73,10 @@ class FuseStage(Stage):
 
     def __init__(self, job: FuseJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk", verify=job.verify)
-        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in job.aligned]
+        # resolved once: the workers get the filesystems (and their settings) with the stage
+        self.target_dir, self.aligned_dirs = locate(job.target), [locate(a) for a in job.aligned]
+        self.target = open_dataset(self.target_dir, "topk", verify=job.verify)
+        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in self.aligned_dirs]
         for path, m in zip(job.aligned, self.sources, strict=True):
             check_same_target(self.target, job.target, m, path)
             if [s.name for s in m.shards] != [s.name for s in self.target.shards]:
@@ -118,8 +119,8 @@ class FuseStage(Stage):
         return [Task(s.name) for s in self.target.shards]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        target = read_shard(Path(self.job.target) / task.name)
-        aligned = [read_shard(Path(d) / task.name) for d in self.job.aligned]
+        target = read_shard(self.target_dir / task.name)
+        aligned = [read_shard(d / task.name) for d in self.aligned_dirs]
         out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.schema)
         if on_tokens is not None:
             on_tokens(table_tokens(out))
@@ -152,7 +153,7 @@ def fused_stats(out: DatasetDir, names: list[str], candidates: list[str]) -> dic
     ce_sum = np.zeros(m)
     windows = positions = 0
     for name in names:
-        t = pq.read_table(out.shard_path(name), columns=["winner", "weights", "candidate_ce"])
+        t = read_shard(out.shard_path(name), columns=["winner", "weights", "candidate_ce"])
         winner = t.column("winner").combine_chunks()
         win = winner.values.to_numpy(zero_copy_only=False)
         per_window = winner.value_lengths().to_numpy(zero_copy_only=False).astype(np.float64)
