@@ -275,15 +275,11 @@ class DatasetDir:
 
     def finish(self, kind: str, run: dict[str, Any], expected: list[str], stats: dict[str, Any]) -> Manifest:
         """Checksum every shard and write the manifest; all of `expected` must exist."""
-        missing = [n for n in expected if not self.shard_path(n).is_file()]
+        present = {p.name for p in self.path.files()}  # one listing (one request on object storage)
+        missing = [n for n in expected if n not in present]
         if missing:
             raise UsageError(f"{self.path}: shards missing, cannot finish: {', '.join(missing[:10])}")
-        entries = []
-        for name in expected:
-            p = self.shard_path(name)
-            meta = shard_metadata(p)
-            tokens = _token_count(p)
-            entries.append(ShardEntry(name, meta.num_rows, tokens, p.size(), sha256_file(p)))
+        entries = [_shard_entry(self.shard_path(name)) for name in expected]
         manifest = Manifest(
             kind=kind,
             fusedata_version=fusedata.__version__,
@@ -301,11 +297,15 @@ def table_tokens(table: pa.Table) -> int:
     return int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
 
 
-def _token_count(path: Location) -> int:
-    """Tokens in a shard file (0 if it has no `input_ids`)."""
-    if "input_ids" not in shard_metadata(path).schema.to_arrow_schema().names:
-        return 0
-    return table_tokens(read_shard(path, columns=["input_ids"]))
+def _shard_entry(path: Location) -> ShardEntry:
+    """A shard's manifest entry (rows, tokens, bytes, sha256) from one read of its bytes: one
+    request on object storage, and a shard at a time in memory."""
+    data = path.read_bytes()
+    meta = _named(path, lambda: pq.read_metadata(pa.BufferReader(data)))
+    tokens = 0
+    if "input_ids" in meta.schema.to_arrow_schema().names:
+        tokens = table_tokens(_named(path, lambda: pq.read_table(pa.BufferReader(data), columns=["input_ids"])))
+    return ShardEntry(path.name, meta.num_rows, tokens, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

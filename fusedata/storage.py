@@ -44,8 +44,8 @@ def resolve(location: PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) for a local path or a URI; a local path comes back absolute.
 
     S3 settings come from the usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    AWS_ENDPOINT_URL, AWS_REGION …) or from the URI's query
-    (``s3://bucket/key?endpoint_override=127.0.0.1:9000&scheme=http``).
+    AWS_ENDPOINT_URL, AWS_REGION …) or from the URI (``s3://KEY:SECRET@bucket/key?region=…`` and
+    ``endpoint_override=127.0.0.1:9000&scheme=http``); messages never show the key or the query.
     """
     text = str(location)
     if not is_uri(text):
@@ -57,8 +57,13 @@ def resolve(location: PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def shown(text: str) -> str:
-    """A location as messages show it: a URI without its query (which may hold a secret key)."""
-    return text.split("?", 1)[0] if is_uri(text) else text
+    """A location as messages show it: a URI without its credentials (`s3://KEY:SECRET@bucket/…`)
+    or its query."""
+    if not is_uri(text):
+        return text
+    scheme, rest = text.split("?", 1)[0].split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}" + (f"/{path}" if _ or path else "")
 
 
 def _first_line(exc: BaseException) -> str:
