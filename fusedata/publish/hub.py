@@ -27,6 +27,7 @@ from typing import Any
 from fusedata.dataset import open_dataset, sha256_file
 from fusedata.errors import UsageError
 from fusedata.publish.card import DATA_DIR, MANIFEST_IN_REPO, dataset_card
+from fusedata.storage import is_uri, shown
 from schemas.manifest import Manifest
 
 CARD_NAME = "README.md"
@@ -82,6 +83,9 @@ class PublishResult:
 def plan_publish(folder: str | Path, repo_id: str) -> PublishPlan:
     """Check that `folder` is a finished, intact fusedata dataset and list what would be uploaded."""
     check_repo_id(repo_id)
+    if is_uri(folder):  # the Hub client uploads local files
+        raise UsageError(f"{shown(str(folder))}: publish reads a local dataset folder; copy the dataset to local disk "
+                         "first (e.g. `pyarrow.fs.copy_files`)")
     folder = Path(folder)
     manifest = open_dataset(folder, verify=False)  # no manifest / missing shard; the sha256s are checked below
     if not manifest.shards:
