@@ -116,7 +116,7 @@ def shard_windows(data_dir: str, shard: str, need_topk: bool) -> list[dict[str, 
     """The windows of one fused shard: input_ids, labels, and the sparse target."""
     path = locate(data_dir) / shard
     table = read_shard(path)
-    vocab = Manifest.read(data_dir).run.get("vocab_size")
+    vocab = Manifest.read(locate(data_dir)).run.get("vocab_size")
     for column in ("input_ids", "labels"):
         values = pc.list_flatten(table.column(column))
         lo, hi = pc.min_max(values).values() if len(values) else (None, None)
