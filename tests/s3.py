@@ -80,7 +80,7 @@ def start_server(extra_env: dict[str, str] | None = None, bucket: str | None = B
     proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # moto imports for seconds; much longer on a loaded machine
     while True:
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2).read()
