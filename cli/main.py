@@ -150,7 +150,7 @@ def demo_corpus(output, per_domain, max_chars, skip):
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path(file_okay=False))  # a folder or a URI (s3://…): open_dataset checks it
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts into this folder.")
 @verify_option

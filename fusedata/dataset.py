@@ -1,21 +1,24 @@
 """Dataset folders: atomic shard writes, resume, and the manifest written last.
 
 Conventions shared by every stage (after datatrove's completion markers):
-- a shard is written to a temporary name in the same folder and renamed, so a file named
-  `shard-*.parquet` is always complete and is never recomputed;
+- a shard is written to a temporary name in the same folder and moved into place (a rename on a
+  local disk, a copy on object stores: fusedata/storage.py), so a file named `shard-*.parquet` is
+  always complete and is never recomputed;
 - `_run.json`, written when a run starts, holds the run's identity; a folder holding another
   run's identity is refused unless the caller asks to overwrite;
 - `_manifest.json` is written last (also atomically) and lists every shard with its sha256.
+
+A folder is a local path or a URI (s3://, gs://, …): every file operation goes through
+`fusedata.storage.Location`, one code path for both.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,13 +27,13 @@ import pyarrow.parquet as pq
 
 import fusedata
 from fusedata.errors import UsageError
+from fusedata.storage import Location, PathLike, locate
 from schemas.common import without_descriptions
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from schemas.topk import INPUT_KEY
 
 RUN_NAME = "_run.json"
 SHARD_GLOB = "shard-*.parquet"
-TMP_GLOB = ".*.tmp-*"  # temporary names of atomic writes
 SHARD_RE = re.compile(r"shard-\d{5}\.parquet")  # names shard_name() gives
 TMP_RE = re.compile(r"\..+\.tmp-\d+")
 STAGING_NAME = ".overwrite"  # DatasetDir.staging()
@@ -84,22 +87,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: PathLike | Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in locate(path).blocks():
+        h.update(block)
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:  # an interrupted write leaves no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_write_text(path: PathLike | Location, text: str) -> None:
+    """Write `text` via a temporary name: an interrupted write leaves no partial file behind."""
+    locate(path).write_text_atomic(text)
 
 
 def stat_columns(schema: pa.Schema) -> list[str]:
@@ -108,21 +105,17 @@ def stat_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if not pa.types.is_nested(f.type) and not pa.types.is_binary(f.type)]
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema) -> None:
+def write_parquet_atomic(table: pa.Table, path: PathLike | Location, schema: pa.Schema) -> None:
     """Write `table` (cast to `schema`, which is enforced) to `path` via a temporary name."""
+    path = locate(path)
     schema = without_descriptions(schema)
     try:
         table = table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"table does not match the schema for {path.name}: {exc}") from exc
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL,
-                       write_statistics=stat_columns(schema), write_page_checksum=True)
-        os.replace(tmp, path)
-    except BaseException:  # an interrupted write leaves no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    path.write_atomic(lambda tmp: pq.write_table(
+        table, tmp.path, filesystem=tmp.fs, compression="zstd", compression_level=ZSTD_LEVEL,
+        write_statistics=stat_columns(schema), write_page_checksum=True))
 
 
 def _same_columns(got: pa.Schema, want: pa.Schema) -> bool:
@@ -135,14 +128,14 @@ def _same_columns(got: pa.Schema, want: pa.Schema) -> bool:
 class DatasetDir:
     """An output folder of one stage."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: PathLike | Location) -> None:
+        self.path = locate(path)
 
-    def shard_path(self, name: str) -> Path:
+    def shard_path(self, name: str) -> Location:
         return self.path / name
 
     def done_shards(self) -> set[str]:
-        return {p.name for p in self.path.glob(SHARD_GLOB)} if self.path.is_dir() else set()
+        return {p.name for p in self.path.files() if fnmatch.fnmatchcase(p.name, SHARD_GLOB)}
 
     def sound_shards(self, schema: pa.Schema) -> tuple[set[str], list[str]]:
         """The shards here that a resume may keep, and the names of the leftovers it deleted: a shard
@@ -183,7 +176,7 @@ class DatasetDir:
                 return None
         return None
 
-    def own_files(self) -> list[Path]:
+    def own_files(self) -> list[Location]:
         """What fusedata wrote here: the shards the manifest lists, shards and temporary files of an
         unfinished run (by their names), the manifest and the run record. Nothing else."""
         listed: set[str] = set()
@@ -192,7 +185,7 @@ class DatasetDir:
                 listed = {s.name for s in Manifest.read(self.path).shards}
             except ValueError:
                 pass
-        found = [p for p in self.path.iterdir() if p.is_file() and (
+        found = [p for p in self.path.files() if (
             p.name in listed or SHARD_RE.fullmatch(p.name) or TMP_RE.fullmatch(p.name)
             or p.name in (MANIFEST_NAME, RUN_NAME))]
         return sorted(found)
@@ -206,7 +199,7 @@ class DatasetDir:
             p = self.path / name
             if p.is_dir():
                 DatasetDir(p).remove_own()
-                if not any(p.iterdir()):
+                if not p.iterdir():
                     p.rmdir()
             elif p.is_file():
                 p.unlink()
@@ -241,9 +234,10 @@ class DatasetDir:
             self.remove_own(owned)
         elif run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")) != run:
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))  # same run, model found elsewhere
-        self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob(TMP_GLOB):  # partial files of a killed run of this same run
-            stale.unlink(missing_ok=True)
+        self.path.mkdir()
+        for stale in self.path.files():  # partial files of a killed run of this same run
+            if TMP_RE.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
 
@@ -257,7 +251,7 @@ class DatasetDir:
         staged = self.staging()
         if staged.path.is_dir():
             staged.remove_own()
-            if not any(staged.path.iterdir()):
+            if not staged.path.iterdir():
                 staged.path.rmdir()
 
     def replace_with(self, staged: DatasetDir) -> None:
@@ -270,10 +264,10 @@ class DatasetDir:
         for p in self.own_files():
             if p.name != RUN_NAME:
                 p.unlink()
-        os.replace(staged.path / RUN_NAME, self.path / RUN_NAME)
+        (staged.path / RUN_NAME).replace(self.path / RUN_NAME)
         for p in staged.own_files():
             if SHARD_RE.fullmatch(p.name):
-                os.replace(p, self.path / p.name)
+                p.replace(self.path / p.name)
         atomic_write_text(self.path / MANIFEST_NAME, manifest_text)
         self.drop_staging()
 
@@ -282,17 +276,11 @@ class DatasetDir:
 
     def finish(self, kind: str, run: dict[str, Any], expected: list[str], stats: dict[str, Any]) -> Manifest:
         """Checksum every shard and write the manifest; all of `expected` must exist."""
-        missing = [n for n in expected if not self.shard_path(n).is_file()]
+        present = {p.name for p in self.path.files()}  # one listing (one request on object storage)
+        missing = [n for n in expected if n not in present]
         if missing:
             raise UsageError(f"{self.path}: shards missing, cannot finish: {', '.join(missing[:10])}")
-        entries = []
-        for name in expected:
-            p = self.shard_path(name)
-            meta = pq.read_metadata(p)
-            tokens = _token_count(p)
-            read = json.loads((meta.metadata or {}).get(INPUT_KEY, b"{}"))  # what an extract worker read
-            entries.append(ShardEntry(name, meta.num_rows, tokens, p.stat().st_size, sha256_file(p),
-                                      read.get("sha256", "")))
+        entries = [_shard_entry(self.shard_path(name)) for name in expected]
         manifest = Manifest(
             kind=kind,
             fusedata_version=fusedata.__version__,
@@ -310,12 +298,17 @@ def table_tokens(table: pa.Table) -> int:
     return int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
 
 
-def _token_count(path: Path) -> int:
-    """Tokens in a shard file (0 if it has no `input_ids`)."""
-    pf = pq.ParquetFile(path)
-    if "input_ids" not in pf.schema_arrow.names:
-        return 0
-    return table_tokens(pf.read(columns=["input_ids"]))
+def _shard_entry(path: Location) -> ShardEntry:
+    """A shard's manifest entry (rows, tokens, bytes, sha256) from one read of its bytes: one
+    request on object storage, and a shard at a time in memory."""
+    data = path.read_bytes()
+    meta = _named(path, lambda: pq.read_metadata(pa.BufferReader(data)))
+    tokens = 0
+    if "input_ids" in meta.schema.to_arrow_schema().names:
+        tokens = table_tokens(_named(path, lambda: pq.read_table(pa.BufferReader(data), columns=["input_ids"])))
+    read = json.loads((meta.metadata or {}).get(INPUT_KEY, b"{}"))  # what an extract worker read
+    return ShardEntry(path.name, meta.num_rows, tokens, len(data), hashlib.sha256(data).hexdigest(),
+                      read.get("sha256", ""))
 
 
 def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -325,21 +318,20 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return f" (differs in {shown})" if shown else ""
 
 
-def refuse_input_inside(output: str | Path, inputs: list[str | Path]) -> None:
+def refuse_input_inside(output: PathLike | Location, inputs: list[PathLike | Location]) -> None:
     """Refuse an output folder that is, or contains, one of the run's inputs: overwriting it
     would delete the input, and the input's files would be taken for another run's."""
-    out = Path(output).resolve()
+    out = locate(output)
     for p in inputs:
-        q = Path(p).resolve()
-        if q == out or out in q.parents:
-            raise UsageError(f"output folder {output} contains the input {p}; choose another folder")
+        if out.contains(locate(p)):
+            raise UsageError(f"output folder {out} contains the input {locate(p)}; choose another folder")
 
 
-def open_dataset(path: str | Path, kind: str | None = None, verify: bool = True) -> Manifest:
+def open_dataset(path: PathLike | Location, kind: str | None = None, verify: bool = True) -> Manifest:
     """The manifest of a finished dataset, with clear errors for unfinished or damaged ones. With
     `verify` (every reader's default; `--no-verify` turns it off) each shard must match the size and
     sha256 the manifest lists: a damaged shard is refused by file name before any of it is read."""
-    folder = Path(path)
+    folder = locate(path)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such dataset folder")
     if not (folder / MANIFEST_NAME).is_file():
@@ -362,38 +354,40 @@ def open_dataset(path: str | Path, kind: str | None = None, verify: bool = True)
     return manifest
 
 
-def _damaged(folder: Path, manifest: Manifest) -> list[str]:
+def _damaged(folder: Location, manifest: Manifest) -> list[str]:
     """The shards of `manifest` whose file is missing or differs in size or sha256 from the listing."""
     bad = []
     for s in manifest.shards:
         p = folder / s.name
-        if not p.is_file() or p.stat().st_size != s.bytes or sha256_file(p) != s.sha256:
+        if not p.is_file() or p.size() != s.bytes or sha256_file(p) != s.sha256:
             bad.append(s.name)
     return bad
 
 
-def read_shard(path: str | Path, **kw: Any) -> pa.Table:
+def read_shard(path: PathLike | Location, **kw: Any) -> pa.Table:
     """A shard's table (`kw` as for `pq.read_table`), every page checked against its CRC: a file
     that does not read back whole (truncated, not Parquet, a damaged page) is refused by name."""
-    return _named(path, lambda: pq.read_table(path, page_checksum_verification=True, **kw))
+    loc = locate(path)
+    return _named(loc, lambda: pq.read_table(loc.path, filesystem=loc.fs, page_checksum_verification=True, **kw))
 
 
-def shard_metadata(path: str | Path) -> pq.FileMetaData:
+def shard_metadata(path: PathLike | Location) -> pq.FileMetaData:
     """A shard's Parquet footer; a file without a readable one is refused by name."""
-    return _named(path, lambda: pq.read_metadata(path))
+    loc = locate(path)
+    return _named(loc, lambda: pq.read_metadata(loc.path, filesystem=loc.fs))
 
 
-def _named(path: str | Path, read: Any) -> Any:
+def _named(path: Location, read: Any) -> Any:
     try:
         return read()
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path}: damaged or not a readable shard ({exc}); recompute it") from None
 
 
-def verify_dataset(path: str | Path) -> list[str]:
+def verify_dataset(path: PathLike | Location) -> list[str]:
     """Shards of a finished dataset whose bytes no longer match the sha256 in its manifest (or
     that are missing). An unfinished folder (no manifest) has nothing to check against: []."""
-    folder = Path(path)
+    folder = locate(path)
     if not (folder / MANIFEST_NAME).is_file():
         return []
     try:
@@ -403,10 +397,10 @@ def verify_dataset(path: str | Path) -> list[str]:
     return _damaged(folder, manifest)
 
 
-def repair_dataset(path: str | Path, bad: list[str]) -> None:
+def repair_dataset(path: PathLike | Location, bad: list[str]) -> None:
     """Delete the damaged shards and the manifest, so the stage's next run recomputes exactly
     those shards (the run identity in `_run.json` is kept: it is still the same run)."""
-    folder = Path(path)
+    folder = locate(path)
     for name in bad:
         if name.startswith("shard-"):
             (folder / name).unlink(missing_ok=True)

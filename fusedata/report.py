@@ -11,10 +11,11 @@ import numpy as np
 from fusedata.codec import codec_from_schema, decode_topk
 from fusedata.dataset import open_dataset, read_shard, shard_metadata
 from fusedata.errors import UsageError
+from fusedata.storage import Location, locate
 from schemas.common import k_of
 
 
-def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
+def column_bytes(folder: Location, shard_names: list[str]) -> dict[str, int]:
     """Compressed bytes per top-level column, summed over shards (from Parquet metadata)."""
     sizes: dict[str, int] = defaultdict(int)
     for name in shard_names:
@@ -28,7 +29,7 @@ def column_bytes(folder: Path, shard_names: list[str]) -> dict[str, int]:
 
 
 def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    folder = Path(path)
+    folder = locate(path)
     manifest = open_dataset(folder, verify=verify)
     names = [s.name for s in manifest.shards]
     schema = shard_metadata(folder / names[0]).schema.to_arrow_schema() if names else None
@@ -99,7 +100,7 @@ def plot(path: str | Path, out_dir: str | Path, verify: bool = True) -> list[Pat
     plt = pyplot()
 
     summary = summarize(path, verify=verify)
-    folder, out = Path(path), Path(out_dir)
+    folder, out = locate(path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_dataset(folder, verify=False)  # summarize verified it
     written: list[Path] = []

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from fusedata.codec import decode_topk
 from fusedata.dataset import atomic_write_text, open_dataset, read_shard
 from fusedata.errors import OptionError, UsageError, choice
+from fusedata.storage import locate
 from fusedata.topk import PAD_ID
 from schemas.manifest import Manifest
 
@@ -130,12 +131,12 @@ CHUNK_COLUMNS = ("chunk_start", "chunk_end", "chunk_teacher_ll")
 
 def shard_windows(data_dir: str, shard: str, need_topk: bool, need_chunks: bool = False) -> list[dict[str, Any]]:
     """The windows of one fused shard: input_ids, labels, the sparse target, and (ALM) the chunks."""
-    path = Path(data_dir) / shard
+    path = locate(data_dir) / shard
     table = read_shard(path)
     if need_chunks and not set(CHUNK_COLUMNS) <= set(table.column_names):
         raise UsageError(f"{path}: no ALM chunk columns ({', '.join(CHUNK_COLUMNS)}); "
                          "fuse the dataset with --alm-source to train with --loss alm")
-    vocab = Manifest.read(data_dir).run.get("vocab_size")
+    vocab = Manifest.read(locate(data_dir)).run.get("vocab_size")
     for column in ("input_ids", "labels"):
         values = pc.list_flatten(table.column(column))
         lo, hi = pc.min_max(values).values() if len(values) else (None, None)
@@ -175,7 +176,7 @@ def sft_rows(data_dir: str, shard: str, tokenizer: Any, max_length: int) -> list
     """The pairs of one sft shard as windows: input_ids, and labels (length n-1 as in fused rows)
     that are -100 except where the next token is a response token. A pair whose response does
     not fit in `max_length` is dropped (it has nothing to learn)."""
-    table = read_shard(Path(data_dir) / shard, columns=["prompt", "response"])
+    table = read_shard(locate(data_dir) / shard, columns=["prompt", "response"])
     responses = table.column("response").to_pylist()
     texts = [sft_text(tokenizer, p, r) for p, r in zip(table.column("prompt").to_pylist(), responses, strict=True)]
     if not texts:
@@ -223,7 +224,7 @@ class ShardSource:
         """Window lengths; a fused shard not in memory is planned from its input_ids column alone."""
         if self.kind == "sft" or (self._last is not None and self._last[0] == shard):
             return [len(r["input_ids"]) for r in self.rows(shard)]
-        col = read_shard(Path(self.data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
+        col = read_shard(locate(self.data_dir) / shard, columns=["input_ids"]).column(0).combine_chunks()
         return col.value_lengths().to_numpy(zero_copy_only=False).tolist()
 
 

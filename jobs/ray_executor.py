@@ -7,7 +7,8 @@ shard's name and what the worker is to read, e.g. extract's corpus byte ranges),
 shard is written atomically by whichever worker computed it. Results stream back as shards finish;
 tokens are reported live to a small progress actor that the driver polls. A shard that fails on bad
 input comes back as an error row (the others go on); an actor that dies is restarted by Ray Data and
-its shard redone. Output folders must be on storage every node sees when running on several nodes.
+its shard redone. Output folders must be on storage every node sees on a multi-node cluster (a shared
+filesystem or an object store: s3://…).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ray
 from fusedata.dataset import DatasetDir
 from fusedata.errors import UsageError
 from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_or_report
+from fusedata.storage import Location
 from jobs.embedded_ray import LOOPBACK, start_local_ray
 
 REPORT_EVERY_S = 0.5  # how often a worker sends its token count, and the driver reads the total
@@ -47,7 +49,7 @@ class ProgressCounter:
 
 
 class _ShardWorker:
-    def __init__(self, stage: Stage, out_path: str, counter: Any) -> None:
+    def __init__(self, stage: Stage, out_path: Location, counter: Any) -> None:
         self.stage = stage
         self.stage.setup()
         self.out = DatasetDir(out_path)
@@ -77,7 +79,7 @@ class _ShardWorker:
         self.stage.teardown()
 
 
-def _bind_worker(stage: Stage, out_path: str, counter: Any) -> type:
+def _bind_worker(stage: Stage, out_path: Location, counter: Any) -> type:
     """A worker class with its arguments captured (pickled with the class), so Ray Data needs
     no constructor arguments in the object store and can restart a lost actor."""
 
@@ -157,7 +159,7 @@ class RayExecutor:
         counter = ProgressCounter.options(name=None).remote()
         ds = ray.data.from_items(task_rows(tasks), override_num_blocks=len(tasks))
         results = ds.map_batches(
-            _bind_worker(stage, str(out.path.resolve()), counter),
+            _bind_worker(stage, out.path, counter),  # a Location: pickled with its filesystem and settings
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 MANIFEST_VERSION = 1
@@ -71,6 +71,8 @@ class Manifest:
             raise ValueError(f"{source}: not a valid fusedata manifest ({exc})") from None
 
     @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
+    def read(cls, folder: str | PurePath | Any) -> Manifest:
+        """The manifest in `folder`: a path, or a fusedata.storage.Location (any filesystem)."""
+        base = Path(folder) if isinstance(folder, str | PurePath) else folder
+        path = base / MANIFEST_NAME
         return cls.from_json(path.read_text(encoding="utf-8"), str(path))

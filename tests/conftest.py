@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))  # `import tiny_models` from any test file
 
 import tiny_models  # noqa: E402
+from s3 import s3, s3_server  # noqa: E402, F401  (a real S3 server on loopback: tests/s3.py)
 
 
 @pytest.fixture(scope="session")

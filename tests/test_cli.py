@@ -268,7 +268,7 @@ def test_python_m_cli_main_knows_every_command(tmp_path):
     ("align", "fusedata.stages.align:AlignConfig", {"codec"}, {}),
     ("align", "fusedata.stages.align:AlignJob", {"config", "log"}, {}),
     ("fuse", "fusedata.stages.fuse:FuseConfig", {"codec", "include_target"}, {}),
-    ("fuse", "fusedata.stages.fuse:FuseJob", {"config", "log"}, {}),
+    ("fuse", "fusedata.stages.fuse:FuseJob", {"config", "log", "names"}, {}),
     ("train", "fusedata.train:TrainConfig", set(), {}),
 ])
 def test_cli_options_are_the_config_fields(command, config, skip, renamed):

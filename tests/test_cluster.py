@@ -3,7 +3,8 @@
 The cluster is started with `ray start` (head + one worker node, one CPU each, under a private
 temp dir) and driven by `python -m cli.main ... --address` subprocesses: `init_ray` is
 process-global, so a client in this pytest process would clash with the other Ray tests.
-Checked: extract and align on the cluster equal the local run; a worker process killed
+Checked: extract and align on the cluster equal the local run, with the outputs on a folder both
+nodes see and on S3 (a moto server on loopback, credentials in the URI); a worker process killed
 mid-extract is restarted and the output is still identical; a driver killed with SIGKILL
 mid-run resumes on the next identical command with no duplicate or missing rows. A second,
 one-node cluster with the job server takes the README's `ray job submit --working-dir . --
@@ -26,16 +27,18 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from fusedata.codec import decode_topk
+from fusedata.dataset import read_shard
 from fusedata.stages.align import AlignConfig, AlignJob, run_align
 from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
+from fusedata.storage import locate
 from schemas.manifest import MANIFEST_NAME, Manifest
 
 psutil = pytest.importorskip("psutil")
@@ -171,14 +174,15 @@ def _ok(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def _read(folder: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(folder / s.name) for s in Manifest.read(folder).shards])
+def _read(folder: Path | str) -> pa.Table:
+    where = locate(folder)
+    return pa.concat_tables([read_shard(where / s.name) for s in Manifest.read(where).shards])
 
 
-def assert_same(a: Path, b: Path, columns: tuple[str, ...] = ("doc_id", "window")) -> None:
+def assert_same(a: Path | str, b: Path | str, columns: tuple[str, ...] = ("doc_id", "window")) -> None:
     """Same rows in the same shards, same decoded distributions (float32 rounding allowed:
-    other processes may use other numbers of torch threads)."""
-    ma, mb = Manifest.read(a), Manifest.read(b)
+    other processes may use other numbers of torch threads). A dataset may be a URI."""
+    ma, mb = Manifest.read(locate(a)), Manifest.read(locate(b))
     assert ma.run == mb.run
     assert [(s.name, s.rows, s.tokens) for s in ma.shards] == [(s.name, s.rows, s.tokens) for s in mb.shards]
     ta, tb = _read(a), _read(b)
@@ -334,25 +338,45 @@ def _wait_for_shard(out: Path, proc: subprocess.Popen, timeout: float = 120) -> 
     raise AssertionError("no shard appeared")
 
 
-def test_cluster_extract_and_align_equal_local(cluster, tiny_llama, tiny_gemma, corpus_file, tmp_path):
-    local, remote = tmp_path / "local", tmp_path / "cluster"
+def _s3_place(server, request) -> Callable[[str], str]:
+    """Dataset URIs on the test's S3 server, credentials and endpoint in the URI itself: the workers
+    get them with the pickled filesystem, so the cluster's nodes need no AWS environment."""
+    from s3 import KEY, REGION, SECRET, s3_prefix
+
+    prefix = s3_prefix(request).removeprefix("s3://")
+    query = f"endpoint_override={server.endpoint.removeprefix('http://')}&scheme=http&region={REGION}"
+    return lambda name: f"s3://{KEY}:{SECRET}@{prefix}/{name}?{query}"
+
+
+@pytest.mark.parametrize("storage", ["shared-folder", "s3"])
+def test_cluster_extract_and_align_equal_local(storage, cluster, request, tiny_llama, tiny_gemma, corpus_file,
+                                               tmp_path):
+    """Outputs on a folder both nodes see, or on S3 (a moto server on loopback: tests/s3.py)."""
+    local = tmp_path / "local"
+    at = (_s3_place(request.getfixturevalue("s3_server"), request) if storage == "s3"
+          else lambda name: str(tmp_path / "cluster" / name))
     for name, model in [("llama", tiny_llama), ("gemma", tiny_gemma)]:
         run_extract(ExtractJob([str(corpus_file)], str(local / name),
                                ExtractConfig(model=str(model), top_k=K, max_length=24, batch_tokens=256),
                                docs_per_shard=2, quiet=True, log=lambda m: None))
     run_align(AlignJob(str(local / "llama"), str(local / "gemma"), str(local / "aligned"),
                        AlignConfig(cache_dir=str(tmp_path / "vocab")), quiet=True, log=lambda m: None))
-    procs = [_cli("extract", "--model", str(model), "--input", str(corpus_file), "--output", str(remote / name),
+    procs = [_cli("extract", "--model", str(model), "--input", str(corpus_file), "--output", at(name),
                   "--docs-per-shard", "2", "--workers", "2", *EXTRACT_ARGS, address=cluster.address)
              for name, model in [("llama", tiny_llama), ("gemma", tiny_gemma)]]
     for p in procs:
         _ok(p)
-    _ok(_cli("align", "--target", str(remote / "llama"), "--source", str(remote / "gemma"), "--output",
-             str(remote / "aligned"), "--cache-dir", str(tmp_path / "vocab"), "--workers", "2", "--quiet",
+    _ok(_cli("align", "--target", at("llama"), "--source", at("gemma"), "--output",
+             at("aligned"), "--cache-dir", str(tmp_path / "vocab"), "--workers", "2", "--quiet",
              address=cluster.address))
     for name in ["llama", "gemma"]:
-        assert_same(local / name, remote / name, TOPK_COLUMNS)
-    assert_same(local / "aligned", remote / "aligned", ("doc_id", "window", "align_kind"))
+        assert_same(local / name, at(name), TOPK_COLUMNS)
+    assert_same(local / "aligned", at("aligned"), ("doc_id", "window", "align_kind"))
+    if storage == "s3":  # every shard moved into place, no temporary object left
+        from s3 import BUCKET, s3_prefix
+
+        keys = request.getfixturevalue("s3_server").keys(s3_prefix(request).split(f"{BUCKET}/", 1)[1])
+        assert len(keys) == 3 * 5 and not [k for k in keys if ".tmp-" in k]  # 3 datasets: 3 shards, run, manifest
 
 
 def test_worker_killed_mid_extract(cluster, tiny_llama, big_corpus, big_local, tmp_path):

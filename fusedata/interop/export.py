@@ -62,7 +62,7 @@ class ExportJob:
 def _layout_stats(out: DatasetDir, names: list[str], source: Manifest, source_dir: str) -> dict[str, Any]:
     """Size figures of the written layout beside the source's (bytes per predicted position)."""
     positions = source.stats.get("positions") or max(source.tokens - source.rows, 1)
-    written = sum(out.shard_path(n).stat().st_size for n in names)
+    written = sum(out.shard_path(n).size() for n in names)
     src_bytes = sum(s.bytes for s in source.shards)
     return {"of": source.kind, "positions": int(positions), "bytes": written,
             "bytes_per_token": written / max(positions, 1), "source_bytes": src_bytes,
@@ -264,7 +264,7 @@ class ImportStage(Stage):
         return out
 
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
-        written = sum(out.shard_path(n).stat().st_size for n in names)
+        written = sum(out.shard_path(n).size() for n in names)
         positions = int(self.source_stats.get("positions") or _positions(out, names))
         return {**self.source_stats, "positions": positions, "bytes": written,
                 "bytes_per_token": written / max(positions, 1)}
@@ -277,7 +277,7 @@ class ImportStage(Stage):
 def _positions(out: DatasetDir, names: list[str]) -> int:
     n = 0
     for name in names:
-        col = pq.read_table(out.shard_path(name), columns=["input_ids"]).column(0)
+        col = read_shard(out.shard_path(name), columns=["input_ids"]).column(0)
         n += int(pc.sum(pc.max_element_wise(pc.subtract(pc.list_value_length(col), 1), 0)).as_py() or 0)
     return n
 

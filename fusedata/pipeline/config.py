@@ -26,6 +26,7 @@ from fusedata.errors import OptionError, UsageError
 from fusedata.stages.align import AlignConfig, AlignJob
 from fusedata.stages.extract import ExtractConfig, ExtractJob
 from fusedata.stages.fuse import FuseConfig, FuseJob
+from fusedata.storage import is_uri, shown
 from fusedata.train import TrainConfig
 
 _REQUIRED = object()
@@ -202,7 +203,11 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     root = _Section(data, "")
 
     p = root.sub("pipeline") or _Section({}, "pipeline")
-    output = Path(p.get("output", str))
+    output_text = p.get("output", str)
+    if is_uri(output_text):  # plots, the checkpoint and eval.json are local files under it
+        raise UsageError(f"{p.key('output')}: must be a local folder, got {shown(output_text)}; the dataset "
+                         "commands (extract, align, fuse, inspect, train --data) take s3:// and other URIs")
+    output = Path(output_text)
     top_k = p.positive("top_k", _default(ExtractConfig, "top_k"))
     codec = p.get("codec", str, DEFAULT_CODEC)
     from fusedata.codec import get_codec

@@ -27,6 +27,7 @@ from typing import Any
 from fusedata.dataset import open_dataset, sha256_file
 from fusedata.errors import UsageError
 from fusedata.publish.card import DATA_DIR, MANIFEST_IN_REPO, MANIFEST_PLAIN_IN_REPO, PLAIN_DIR, dataset_card
+from fusedata.storage import is_uri, shown
 from schemas.manifest import Manifest
 
 CARD_NAME = "README.md"
@@ -104,6 +105,10 @@ def plan_publish(folder: str | Path, repo_id: str, plain: str | Path | None = No
     from fusedata.dataset import run_digest
 
     check_repo_id(repo_id)
+    for given in (folder, plain):
+        if given is not None and is_uri(given):  # the Hub client uploads local files
+            raise UsageError(f"{shown(str(given))}: publish reads a local dataset folder; copy the dataset to local "
+                             "disk first (e.g. `pyarrow.fs.copy_files`)")
     folder = Path(folder)
     manifest = open_dataset(folder, verify=False)  # no manifest / missing shard; the sha256s are checked below
     if not manifest.shards:

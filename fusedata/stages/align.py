@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusedata.align import align_tables
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.dataset import DatasetDir, open_dataset, read_shard, run_digest, table_tokens, target_identity
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.stages.base import Stage, Task
+from fusedata.storage import locate
 from schemas.aligned import ALIGN_KINDS, aligned_schema
 from schemas.manifest import Manifest
 
@@ -72,8 +72,10 @@ class AlignStage(Stage):
 
     def __init__(self, job: AlignJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk", verify=job.verify)
-        self.source = open_dataset(job.source, "topk", verify=job.verify)
+        # resolved once: the workers get the filesystems (and their settings) with the stage
+        self.target_dir, self.source_dir = locate(job.target), locate(job.source)
+        self.target = open_dataset(self.target_dir, "topk", verify=job.verify)
+        self.source = open_dataset(self.source_dir, "topk", verify=job.verify)
         if self.source.run.get("corpus_hash") != self.target.run.get("corpus_hash"):
             raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
         self.k, self.target_vocab = int(self.source.run["top_k"]), int(self.target.run["vocab_size"])
@@ -125,7 +127,7 @@ class AlignStage(Stage):
             map_path.with_suffix(".tmp.npy").replace(map_path)
         self.map_path = str(map_path)
         for s in self.source.shards:
-            for d in set(read_shard(Path(self.job.source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
+            for d in set(read_shard(self.source_dir / s.name, columns=["doc_id"]).column(0).to_pylist()):
                 self.source_index.setdefault(d, []).append(s.name)
         self.texts = (token_texts(tgt_tok), token_texts(src_tok)) if self.config.sequence == "dtw" else None
         return [Task(s.name) for s in self.target.shards]
@@ -136,10 +138,10 @@ class AlignStage(Stage):
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         if self.vocab_map is None:
             self.setup()
-        target = read_shard(Path(self.job.target) / task.name)
+        target = read_shard(self.target_dir / task.name)
         docs = set(target.column("doc_id").to_pylist())
         shards = sorted({s for d in docs for s in self.source_index.get(d, [])})
-        parts = [read_shard(Path(self.job.source) / s, filters=[("doc_id", "in", list(docs))]) for s in shards]
+        parts = [read_shard(self.source_dir / s, filters=[("doc_id", "in", list(docs))]) for s in shards]
         source_rows = pa.concat_tables(parts) if parts else pa.table({"doc_id": pa.array([], pa.string())})
         out = align_tables(target, source_rows, self.vocab_map, self.target_vocab, self.codec, self.schema, self.texts)
         if on_tokens is not None:
@@ -169,7 +171,7 @@ def aligned_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
     counts = np.zeros(len(ALIGN_KINDS))
     mass = 0.0
     for name in names:
-        t = pq.read_table(out.shard_path(name), columns=["align_kind", "mass_kept"])
+        t = read_shard(out.shard_path(name), columns=["align_kind", "mass_kept"])
         kinds = t.column("align_kind").combine_chunks().values.to_numpy(zero_copy_only=False)
         counts += np.bincount(kinds, minlength=len(ALIGN_KINDS))[: len(ALIGN_KINDS)]
         lens = t.column("align_kind").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)

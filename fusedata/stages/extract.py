@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.corpus import CorpusPlan, ReadOptions, plan_corpus, read_pieces
-from fusedata.dataset import DatasetDir, shard_name
+from fusedata.dataset import DatasetDir, read_shard, shard_metadata, shard_name
 from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.models.spec import (
     ModelRef,
@@ -508,8 +508,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
     content = hashlib.sha256()  # the corpus's content identity: the workers' input hashes in shard order
     for name in names:
         path = out.shard_path(name)
-        pf = pq.ParquetFile(path)
-        t = pf.read(columns=["doc_id", "input_ids", "ce"])
+        t = read_shard(path, columns=["doc_id", "input_ids", "ce"])
         n = t.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
         # windows of n tokens predict n-1 positions (the BOS-prefixed ones too)
         pos = np.maximum(n - 1, 0)
@@ -518,12 +517,12 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
         windows += t.num_rows
         ce_sum += float((t.column("ce").to_numpy() * pos).sum())
         digests.append(np.unique(_id_digests(t.column("doc_id").unique().to_pylist())))
-        record = shard_input(pf.metadata)
+        record = shard_input(shard_metadata(path))
         for key, value in record.items():
             if key in read:
                 read[key] += value
         content.update(record.get("sha256", "").encode())
-        total_bytes += path.stat().st_size
+        total_bytes += path.size()
     every = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     distinct = np.unique(every)
     if len(distinct) < len(every):
@@ -545,7 +544,7 @@ def _refuse_duplicate(out: DatasetDir, names: list[str], every: np.ndarray) -> N
     twice = set(values[counts > 1].tolist())
     found: dict[str, list[str]] = {}
     for name in names:
-        for doc_id in pq.read_table(out.shard_path(name), columns=["doc_id"]).column("doc_id").unique().to_pylist():
+        for doc_id in read_shard(out.shard_path(name), columns=["doc_id"]).column("doc_id").unique().to_pylist():
             if int(_id_digests([doc_id])[0]) in twice:
                 found.setdefault(doc_id, []).append(name)
     doc_id, where = next((d, w) for d, w in found.items() if len(w) > 1)

@@ -41,6 +41,7 @@ from fusedata.dataset import (
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.fuse import AVGCE_TEMPERATURE, fuse_tables
 from fusedata.stages.base import Stage, Task
+from fusedata.storage import locate
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
 
@@ -114,8 +115,10 @@ class FuseStage(Stage):
 
     def __init__(self, job: FuseJob) -> None:
         self.job, self.config, self.output = job, job.config, job.output
-        self.target = open_dataset(job.target, "topk", verify=job.verify)
-        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in job.aligned]
+        # resolved once: the workers get the filesystems (and their settings) with the stage
+        self.target_dir, self.aligned_dirs = locate(job.target), [locate(a) for a in job.aligned]
+        self.target = open_dataset(self.target_dir, "topk", verify=job.verify)
+        self.sources = [open_dataset(a, "aligned", verify=job.verify) for a in self.aligned_dirs]
         for path, m in zip(job.aligned, self.sources, strict=True):
             check_same_target(self.target, job.target, m, path)
             if [s.name for s in m.shards] != [s.name for s in self.target.shards]:
@@ -193,13 +196,13 @@ class FuseStage(Stage):
     def tasks(self) -> list[Task]:
         if self.alm is not None:  # which ALM source shards hold each document (its windows may span several)
             for s in self.alm.shards:
-                for d in set(read_shard(Path(self.job.alm_source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
+                for d in set(read_shard(locate(self.job.alm_source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
                     self.alm_index.setdefault(d, []).append(s.name)
         return [Task(s.name) for s in self.target.shards]
 
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
-        target = read_shard(Path(self.job.target) / task.name)
-        aligned = [read_shard(Path(d) / task.name) for d in self.job.aligned]
+        target = read_shard(self.target_dir / task.name)
+        aligned = [read_shard(d / task.name) for d in self.aligned_dirs]
         out = fuse_tables(target, aligned, self.k, self.vocab_size, self.config, self.codec, self.base_schema)
         if self.alm is not None:
             out = self.add_chunks(target, out)
@@ -212,7 +215,7 @@ class FuseStage(Stage):
         docs = sorted(set(target.column("doc_id").to_pylist()))
         source = {}
         for name in sorted({n for d in docs for n in self.alm_index.get(d, [])}):
-            table = read_shard(Path(self.job.alm_source) / name)
+            table = read_shard(locate(self.job.alm_source) / name)
             table = table.filter(pc.is_in(table.column("doc_id"), pa.array(docs, pa.string())))
             source |= merge_likelihoods(source, document_likelihoods(table, name))
         cols: list[list[np.ndarray]] = [[], [], []]
@@ -254,7 +257,7 @@ def fused_stats(out: DatasetDir, names: list[str], candidates: list[str]) -> dic
     ce_sum = np.zeros(m)
     windows = positions = 0
     for name in names:
-        t = pq.read_table(out.shard_path(name), columns=["winner", "weights", "candidate_ce"])
+        t = read_shard(out.shard_path(name), columns=["winner", "weights", "candidate_ce"])
         winner = t.column("winner").combine_chunks()
         win = winner.values.to_numpy(zero_copy_only=False)
         per_window = winner.value_lengths().to_numpy(zero_copy_only=False).astype(np.float64)
