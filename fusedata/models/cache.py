@@ -108,7 +108,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _load_gguf(gguf_path: Path) -> tuple[Any, Any]:
+def _load_gguf(gguf_path: Path, announce: Path | None = None) -> tuple[Any, Any]:
     """transformers' own load of a GGUF file (tokenizer, fp32 model). A file that is not a GGUF, or
     is truncated or damaged, is refused in one line, not with whatever the parser happened to raise."""
     import torch
@@ -120,6 +120,10 @@ def _load_gguf(gguf_path: Path) -> tuple[Any, Any]:
         GGUFReader(str(gguf_path))  # header, metadata and tensor table, checked against the file's size
     except Exception as exc:
         raise UsageError(f"{gguf_path}: not a readable GGUF file, truncated or damaged ({_one_line(exc)})") from None
+    if announce is not None:  # after the header check: a damaged file is still one error line
+        # stderr, not the logger: a minute or more of silence on a first run looked like a hang
+        print(f"converting {gguf_path.name} to a safetensors folder, checked against the GGUF (once; a minute or two "
+              f"for the bundled models): {announce}", file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -190,10 +194,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file not found: {gguf_path}")
-    # stderr, not the logger: a minute or more of silence on a first run looked like a hang
-    print(f"converting {gguf_path.name} to a safetensors folder, checked against the GGUF (once; a minute or two "
-          f"for the bundled models): {out_dir}", file=sys.stderr, flush=True)
-    tok, loaded = _load_gguf(gguf_path)
+    tok, loaded = _load_gguf(gguf_path, announce=out_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
