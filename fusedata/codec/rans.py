@@ -116,6 +116,18 @@ def lookup(cum, slot):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
+def rans_symbol(x, words, p, end, cum):  # pragma: no cover - compiled
+    """Decode one symbol of the table `cum` (cumulative frequencies scaled to 2^SCALE):
+    (symbol index, x, p, ok); ok is False on a slot no symbol holds or a stream that ends early."""
+    slot = x & ((np.int64(1) << SCALE) - 1)
+    i = lookup(cum, slot)
+    if i < 0 or i >= cum.size - 1 or cum[i + 1] == cum[i]:
+        return i, x, p, False
+    x, p, ok = rans_take(x, words, p, end, cum[i + 1] - cum[i], slot - cum[i], SCALE)
+    return i, x, p, ok
+
+
+@njit(cache=True)
 def varint_encode(values):  # pragma: no cover - compiled
     """LEB128 bytes of non-negative int64 values."""
     out = np.empty(values.size * 10, np.uint8)

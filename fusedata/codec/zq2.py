@@ -51,9 +51,9 @@ from fusedata.codec.rans import (
     SCALE,
     cumulative,
     encode_rows,
-    lookup,
     normalise,
     rans_init,
+    rans_symbol,
     rans_take,
     varint_decode,
     varint_encode,
@@ -240,7 +240,6 @@ def _raw_slots(z: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, ...]:
 def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_values,
                  codes, ids, rank, gold_z, tail_z, pos0):  # pragma: no cover - compiled
     """Decode rows into the output arrays from position pos0 on; returns the first bad row or -1."""
-    mask = (np.int64(1) << SCALE) - 1
     pos = pos0
     for r in range(row_n.size):
         p, end = row_word_off[r], row_word_off[r + 1]
@@ -249,21 +248,12 @@ def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_va
         x, p = rans_init(words, p)
         for _ in range(row_n[r]):
             for s in range(k):  # c0, then the k-1 deltas, each from its own table (tables 0..k-1)
-                cum = cum_flat[cum_off[s] : cum_off[s + 1]]
-                slot = x & mask
-                i = lookup(cum, slot)
-                if i < 0 or i >= cum.size - 1 or cum[i + 1] == cum[i]:
-                    return r
-                x, p, ok = rans_take(x, words, p, end, cum[i + 1] - cum[i], slot - cum[i], SCALE)
+                i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[s] : cum_off[s + 1]])
                 if not ok:
                     return r
                 codes[pos, s] = i if s == 0 else codes[pos, s - 1] + i
             for j in range(k):
-                slot = x & mask
-                i = lookup(id_cum, slot)
-                if i < 0 or i >= id_cum.size - 1 or id_cum[i + 1] == id_cum[i]:
-                    return r
-                x, p, ok = rans_take(x, words, p, end, id_cum[i + 1] - id_cum[i], slot - id_cum[i], SCALE)
+                i, x, p, ok = rans_symbol(x, words, p, end, id_cum)
                 if not ok:
                     return r
                 ids[pos, j] = id_values[i]
@@ -271,12 +261,7 @@ def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_va
                 if field == 1 and rank[pos] != 0:
                     continue
                 t = k + field
-                cum = cum_flat[cum_off[t] : cum_off[t + 1]]
-                slot = x & mask
-                i = lookup(cum, slot)
-                if i < 0 or i >= cum.size - 1 or cum[i + 1] == cum[i]:
-                    return r
-                x, p, ok = rans_take(x, words, p, end, cum[i + 1] - cum[i], slot - cum[i], SCALE)
+                i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
                 if not ok:
                     return r
                 if field == 0:
