@@ -134,7 +134,9 @@ def build_datasets(work: Path, methods_wanted: bool = True) -> dict[str, Any]:
     from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
     from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
-    quiet = {"quiet": True, "log": log}
+    # the work folder is the benchmark's own: a dataset whose run identity the code changed is rebuilt
+    # (the runs trained on it are redone only if its content changed: `data_digest`)
+    quiet = {"quiet": True, "log": log, "overwrite": True}
     corpus = [str(work / "train.jsonl")]
     for spec, folder in ((TARGET, "smollm2"), (SOURCE, "gemma3")):
         run_extract(ExtractJob(corpus, str(work / "topk" / folder),
@@ -204,6 +206,24 @@ def target_quality(work: Path, arms: list[str]) -> dict[str, dict[str, float]]:
         out[arm] = {"gold_listed": round(listed / n, 4), "mean_q_gold": round(gold_p / n, 4),
                     "top1_is_gold": round(top1 / n, 4), "mean_tail": round(tail / n, 4), "positions": n}
     return out
+
+
+def data_digest(folder: Path) -> str:
+    """The content of a dataset's shards (their Arrow data, not the files' bytes or metadata): a run
+    trained on it is kept across a rebuild that wrote the same rows."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    h = hashlib.sha256()
+    for shard in sorted(folder.glob("shard-*.parquet")):
+        table = pq.read_table(shard).replace_schema_metadata(None).combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()[:16]
 
 
 def heldout_sets(work: Path) -> dict[str, Any]:
@@ -288,11 +308,18 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
     log(f"{name}: lr {lr:g} (validation bits/byte by lr: {state['sweep']})")
     state["lr"] = lr
     arms = arms_of(track, args.lams, args.method_lams)
+    digests = {d: data_digest(work / f"fused-{d}") for d in {a[0] for a in arms.values()}}
+    adopted = [k for k, r in state["runs"].items() if "data" not in r]
+    for k in adopted:  # recorded before runs kept their dataset's digest: taken to be of today's data
+        state["runs"][k]["data"] = digests.get(arms.get(k.split("/")[0], ("",))[0], "")
+    if adopted:
+        log(f"{name}: {len(adopted)} runs recorded without a dataset digest are taken to be of today's datasets")
     for seed in args.seeds:
         for arm, (dataset, lam, loss) in arms.items():
             run_key = f"{arm}/seed{seed}"
-            if state["runs"].get(run_key, {}).get("lr", lr) == lr and run_key in state["runs"]:
-                continue  # done at this lr (a wider sweep that picks another lr redoes the runs)
+            done = state["runs"].get(run_key)
+            if done and done.get("lr") == lr and done.get("data") == digests[dataset]:
+                continue  # done at this lr on this data (another lr or changed data redoes the run)
             # the untrained model, scored on each seed's first run (a pretrained one only once)
             first = not any(k.endswith(f"/seed{seed}") for k in state["runs"]) and (
                 bool(track.init_config) or not state.get("untrained"))
@@ -301,7 +328,8 @@ def run_track(work: Path, name: str, args: argparse.Namespace, sets: dict[str, A
             if first:  # the untrained student of this seed: the same weights start every arm
                 at[0] = [("test", sets["test"]), ("ood", sets["ood"])]
             log(f"{name}: {arm} (λ {lam:g}, loss {loss}) seed {seed}")
-            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at, loss) | {"lr": lr}
+            r = train_run(work, name, track, dataset, lam, lr, seed, steps, args.device, at, loss) | {
+                "lr": lr, "data": digests[dataset]}
             if first:
                 state.setdefault("untrained", {})[str(seed)] = r["scores"].pop("0")
             state["runs"][run_key] = r
