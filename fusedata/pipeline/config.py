@@ -8,9 +8,10 @@ sections are read from the fields of those config dataclasses (`config_options`)
 type-checked against its field and checked once, by the dataclass's `__post_init__`, so a typo or a
 bad value fails at once with the key's name instead of hours into a run.
 
-Layout of a pipeline's outputs (all under `[pipeline] output`):
-`corpus.jsonl` (demo corpus only), `topk/<model>/`, `aligned/<source>/`, `fused/`, `plots/`,
-`ckpt/`, `heldout.jsonl` (demo held-out only), `eval.json`.
+Layout of a pipeline's outputs (all under `[pipeline] output`, a local folder or a URI such as
+`s3://bucket/run`, joined with `fusedata.storage.join`): `corpus.jsonl` (demo corpus only),
+`topk/<model>/`, `aligned/<source>/`, `fused/`, `plots/`, `ckpt/`, `heldout.jsonl` (demo held-out
+only), `eval.json`.
 """
 
 from __future__ import annotations
