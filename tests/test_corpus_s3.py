@@ -1,6 +1,6 @@
 """A corpus on object storage: extract reads JSONL, Parquet and text files from a real S3 server
 (tests/s3.py) and writes the same shards as from the same files on local disk, whether they are named
-one by one, as a folder (a key prefix), by a glob, or by a URI that carries the endpoint in its query.
+as a folder (a key prefix), by a glob, or by a URI that carries the endpoint in its query.
 The planner's probe is made small so that JSONL shards are cut at estimated byte offsets, which the
 workers resolve with ranged reads (the first line start after a cut, the line count before it).
 Globs on a bucket follow `glob.glob`'s rules, as they do on local disk."""
@@ -73,12 +73,12 @@ def _upload(s3, request, corpus_root: Path) -> str:
     return root
 
 
-@pytest.mark.parametrize("named", ["files", "folder", "glob", "query"])
+@pytest.mark.parametrize("named", ["folder", "glob", "query"])
 def test_extract_from_s3_equals_local_disk(named, s3, request, tiny_llama, corpus_root, local_run, tmp_path,
                                            monkeypatch):
     root = _upload(s3, request, corpus_root)
-    inputs = {"files": [f"{root}/c/a.jsonl", f"{root}/c/b.parquet", f"{root}/c/c.txt"],
-              "folder": [f"{root}/c"], "glob": [f"{root}/*/*"], "query": [f"{root}/c"]}[named]
+    # a glob with `[`: pyarrow cannot parse it as a URI, so planner and workers resolve the part before it
+    inputs = {"folder": [f"{root}/c"], "glob": [f"{root}/c/[abc].*"], "query": [f"{root}/c"]}[named]
     output = str(tmp_path / "topk")
     if named == "folder":
         output = f"{root}/out/topk"  # the output on S3 too
