@@ -295,7 +295,9 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Pa
               f"| k (entries per position) | {k} |",
               (f"| codec | `{codec.name}` v{codec.version} |" if codec else
                "| layout | plain: the top-k as Parquet lists, no codec |"),
-              f"| corpus sha256 | `{run.get('corpus_hash')}` |",
+              f"| corpus listing hash (`corpus_hash`) | `{run.get('corpus_hash')}` |",
+              *([f"| corpus content (`corpus_content`) | `{stats['corpus_content']}` |"]
+                if stats.get("corpus_content") else []),
               f"| fusedata version | {manifest.fusedata_version} |",
               f"| created | {manifest.created} |", ""]
     if manifest.kind == "topk" and "mean_ce" in stats:
