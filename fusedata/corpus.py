@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fusedata.errors import UsageError
-from fusedata.storage import is_uri, resolve
+from fusedata.storage import Location, is_uri, resolve
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 DOCS_SCHEMA = pa.schema([pa.field("doc_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)])
@@ -50,6 +50,7 @@ class CorpusStats:
     bad_examples: list[str] = field(default_factory=list)
     bytes_read: int = 0
     sha256: str = ""  # of the input bytes read (JSONL lines, text files) or values (Parquet ids, texts)
+    content: int = 0  # content_digest of the documents read: what they are, not where or how they were stored
 
     def add(self, other: CorpusStats) -> None:
         self.docs += other.docs
@@ -57,6 +58,29 @@ class CorpusStats:
         self.bad_skipped += other.bad_skipped
         self.bad_examples += other.bad_examples[: max(0, 5 - len(self.bad_examples))]
         self.bytes_read += other.bytes_read
+        self.content = (self.content + other.content) % (1 << CONTENT_BITS)
+
+
+CONTENT_BITS = 256
+
+
+def content_digest(ids: list[str], texts: list[str]) -> int:
+    """The documents' content identity: the sum, modulo 2**256, of a 256-bit hash of each document's
+    id and text. A sum does not depend on the order of the documents or on how they were cut into
+    shards, so the shards' digests add up to the corpus's whatever `--docs-per-shard`, the file
+    format, the path or the storage; two corpora agree only if they hold the same (id, text) pairs,
+    which is what aligning two extracts by document id and byte offset needs."""
+    total = 0
+    for doc_id, text in zip(ids, texts, strict=True):
+        key, body = doc_id.encode(), text.encode()
+        h = hashlib.blake2b(len(key).to_bytes(8, "little") + key + body, digest_size=CONTENT_BITS // 8)
+        total += int.from_bytes(h.digest(), "little")
+    return total % (1 << CONTENT_BITS)
+
+
+def add_content(a: str, b: str) -> str:
+    """Two content digests (64 hex digits) combined: the digest of both sets of documents."""
+    return f"{(int(a, 16) + int(b, 16)) % (1 << CONTENT_BITS):064x}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,13 @@ class InputFile:
     def shown(self) -> str:
         """The file as error messages name it: a local path or a URI."""
         return f"{self.root.split('://', 1)[0]}://{self.path}" if is_uri(self.root) else self.path
+
+    def location(self) -> Location:
+        """The file on the filesystem its root names (settings given in the root's URI included)."""
+        fs = _filesystem(self.root)
+        if isinstance(fs, pafs.LocalFileSystem):
+            return Location(fs, self.path, "", self.path)
+        return Location(fs, self.path, self.root.split("://", 1)[0], self.shown)
 
 
 @dataclass(frozen=True)
@@ -127,7 +158,7 @@ def list_inputs(inputs: list[str]) -> list[InputFile]:
     """The files named by paths, globs, folders or URIs, in a deterministic order, without reading them."""
     found: list[InputFile] = []
     for spec in inputs:
-        fs, path = resolve(spec)
+        fs, path = _resolve(spec)
         info = _info(fs, path)
         if info.type == pafs.FileType.Directory:
             listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -139,7 +170,7 @@ def list_inputs(inputs: list[str]) -> list[InputFile]:
             found += [_entry(spec, i, i.path[len(path.rstrip("/")) + 1:]) for i in members]
         elif info.type == pafs.FileType.File:
             found.append(_entry(spec, info, Path(info.path).name))
-        elif any(ch in spec for ch in "*?["):
+        elif _is_pattern(spec):
             matches = _glob(spec, fs, path)
             if not matches:
                 raise UsageError(f"{spec}: the pattern matches no files")
@@ -149,16 +180,56 @@ def list_inputs(inputs: list[str]) -> list[InputFile]:
     return found
 
 
+def _is_pattern(spec: str) -> bool:
+    """Whether an input names files by a glob (`*`, `[…]`; `?` too, outside a URI's query)."""
+    if is_uri(spec):
+        return any(ch in spec.partition("?")[0] for ch in "*[")
+    return any(ch in spec for ch in "*?[")
+
+
+def _resolve(spec: str) -> tuple[pafs.FileSystem, str]:
+    """`storage.resolve`, for a glob too: pyarrow cannot parse a URI holding `[` or `*`, so the part
+    before the first pattern is resolved and the pattern appended. In a URI `?` starts the query
+    (its settings), so there it is no wildcard."""
+    if not is_uri(spec):
+        return resolve(spec)
+    head, sep, query = spec.partition("?")
+    scheme, _, rest = head.partition("://")
+    parts = rest.split("/")
+    first = next((i for i, p in enumerate(parts) if i and any(ch in p for ch in "*[")), None)
+    if first is None:
+        return resolve(spec)
+    fs, base = resolve(f"{scheme}://{'/'.join(parts[:first])}{sep}{query}")
+    return fs, "/".join([base.rstrip("/"), *parts[first:]])
+
+
 def _glob(spec: str, fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     if not is_uri(spec):
         names = sorted(str(Path(m).absolute()) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
         return fs.get_file_info(names) if names else []
     parts = path.split("/")
-    fixed = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+    fixed = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*["))
     base = "/".join(parts[:fixed])
-    listed = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return sorted((i for i in listed if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)),
-                  key=lambda i: i.path)
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise UsageError(f"{base}: cannot list ({exc})") from None
+    pattern = parts[fixed:]
+    return sorted((i for i in listed if i.type == pafs.FileType.File
+                   and _glob_match(pattern, i.path[len(base) + 1:].split("/"))), key=lambda i: i.path)
+
+
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """`glob.glob(recursive=True)`'s rules on a listed key: a pattern part matches one name (`*` never
+    crosses a `/`, nor matches a name starting with `.` unless the part does), `**` any number of them."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
@@ -168,7 +239,7 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=64)
 def _filesystem(root: str) -> pafs.FileSystem:
-    return resolve(root)[0]  # one filesystem object per root a worker reads (an S3 client is not free)
+    return _resolve(root)[0]  # one filesystem object per root a worker reads (an S3 client is not free)
 
 
 def _open_file(f: InputFile) -> pa.NativeFile:
@@ -369,6 +440,7 @@ def read_pieces(pieces: tuple[Piece, ...] | list[Piece], opts: ReadOptions = Rea
             texts.append(text)
     stats.docs = len(ids)
     stats.sha256 = digest.hexdigest()
+    stats.content = content_digest(ids, texts)
     return pa.table({"doc_id": ids, "text": texts}, schema=DOCS_SCHEMA), stats
 
 

@@ -83,6 +83,25 @@ def check_same_target(target: Manifest, target_path: str, other: Manifest, other
         raise UsageError(f"{other_path} was made against a different target than {target_path} ({shown})")
 
 
+def check_same_corpus(a: Manifest, a_path: Any, b: Manifest, b_path: Any) -> None:
+    """Refuse two topk datasets extracted from different corpora. They are compared by content (the
+    sum of the documents' digests that extract records as `corpus_content`), so copies of one corpus
+    at other paths, on other machines or in object storage agree; a dataset made before fusedata
+    recorded it is compared by its run's `corpus_hash`, which comes from the listing (paths, sizes,
+    modification times), so there only the very same files agree."""
+    ca, cb = a.stats.get("corpus_content"), b.stats.get("corpus_content")
+    if ca and cb:
+        if ca != cb:
+            raise UsageError(f"{a_path} and {b_path} were extracted from different corpora (their documents "
+                             f"differ: corpus_content {ca[:12]}… vs {cb[:12]}…)")
+        return
+    if a.run.get("corpus_hash") != b.run.get("corpus_hash"):
+        older = a_path if not ca else b_path
+        raise UsageError(f"{a_path} and {b_path} were extracted from different corpora (corpus_hash differs; {older} "
+                         "records no corpus_content, so the corpora are compared by their file listing: paths, sizes "
+                         "and times; extract it again to compare them by their documents)")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 

@@ -56,6 +56,16 @@ def resolve(location: PathLike) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"{shown(text)}: cannot open this location: {_first_line(e)}") from None
 
 
+def join(location: PathLike, *names: str) -> str:
+    """`location/name/…` as text: a local path joined as a path, a URI's path extended before its query
+    (`s3://b/run?endpoint_override=…` / "topk" -> `s3://b/run/topk?endpoint_override=…`)."""
+    text = str(location)
+    if not is_uri(text):
+        return str(Path(text).joinpath(*names))
+    head, sep, query = text.partition("?")
+    return "/".join([head.rstrip("/"), *names]) + sep + query
+
+
 def shown(text: str) -> str:
     """A location as messages show it: a URI without its credentials (`s3://KEY:SECRET@bucket/…`)
     or its query."""

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 from fusedata.codec import decode_topk
 from fusedata.dataset import atomic_write_text, open_dataset, read_shard
 from fusedata.errors import OptionError, UsageError, choice
-from fusedata.storage import locate
+from fusedata.storage import is_uri, locate
 from fusedata.topk import PAD_ID
 from schemas.manifest import Manifest
 
@@ -383,12 +383,15 @@ def fusion_loss(logits: Any, batch: Any, lam: float = 0.9, loss: str = "sparse",
     return total, parts
 
 
-def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, Any]:
-    """Train, checkpointing to cfg.output; resumes from the checkpoint found there.
+def train(cfg: TrainConfig, log: Any = print, on_step: Any = None, *, _upload: Any = None) -> dict[str, Any]:
+    """Train, checkpointing to cfg.output; resumes from the checkpoint found there. An output URI
+    (s3://…) is written through a local working copy (`_train_via_local_copy`).
 
     `on_step(step, tokens, model)`, if given, is called before the first step of a fresh run
     (step 0) and after every optimizer step: the fusion benchmark draws learning curves with it.
     """
+    if is_uri(cfg.output) and _upload is None:
+        return _train_via_local_copy(cfg, log, on_step)
     import torch
 
     from fusedata.models.spec import load_model, load_tokenizer, resolve, tokenizer_hash
@@ -482,6 +485,8 @@ def train(cfg: TrainConfig, log: Any = print, on_step: Any = None) -> dict[str, 
                 "step": step, "tokens": tokens, "config": _config_identity(cfg), "history": history,
                 "data_tokenizer_hash": manifest.run.get("tokenizer_hash"),
             })
+            if _upload is not None:
+                _upload(out)
     return {"steps": step, "tokens": tokens, "final_loss": history[-1]["loss"] if history else None,
             "history": history}
 
@@ -537,7 +542,7 @@ def checkpoint_identity(cfg: TrainConfig) -> dict[str, Any]:
 
 def checkpoint_done(cfg: TrainConfig) -> bool:
     """Whether cfg.output holds a checkpoint of this very run that already reached its last step."""
-    state_file = Path(cfg.output) / STATE_NAME
+    state_file = locate(cfg.output) / STATE_NAME
     if not state_file.is_file():
         return False
     state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -570,3 +575,59 @@ def save_checkpoint(model: Any, tokenizer: Any, optim: Any, out: Path, state: di
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- a checkpoint at a URI ------------------------------------------------------------------------
+UPLOADING_NAME = ".fusedata-uploading"  # at a URI while a checkpoint is being uploaded
+
+
+def _train_via_local_copy(cfg: TrainConfig, log: Any, on_step: Any) -> dict[str, Any]:
+    """`train --output s3://…`: train into a local working folder (a temporary one, holding the
+    URI's checkpoint when there is one to resume) and upload each checkpoint saved there
+    (`upload_checkpoint`), so the URI shows a checkpoint only once all of its files are there."""
+    import tempfile
+
+    remote = locate(cfg.output)
+    with tempfile.TemporaryDirectory(prefix="fusedata-train-") as work:
+        local = Path(work) / "ckpt"
+        fetch_checkpoint(remote, local, log)
+        return train(replace(cfg, output=str(local)), log, on_step, _upload=lambda out: upload_checkpoint(out, remote))
+
+
+def fetch_checkpoint(remote: Any, local: Path, log: Any = print) -> None:
+    """Download the checkpoint at `remote` into `local` to resume it (nothing when there is none). A
+    folder without a state file that fusedata was uploading to (its marker is there) held an upload
+    cut short: training starts again from the beginning; any other non-empty folder is refused."""
+    import pyarrow.fs as pafs
+
+    if (remote / STATE_NAME).is_file():
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(remote.path, str(local), source_filesystem=remote.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        (local / UPLOADING_NAME).unlink(missing_ok=True)
+        return
+    if not remote.is_dir() or not remote.iterdir():
+        return
+    if (remote / UPLOADING_NAME).is_file():
+        log(f"{remote}: the upload of a checkpoint was cut short before it was complete; training from the start")
+        return
+    raise UsageError(f"{remote} exists and is not a fusedata checkpoint; choose another --output")
+
+
+def upload_checkpoint(local: Path, remote: Any) -> None:
+    """Upload the checkpoint saved in `local` to the URI. Object stores have no folder rename, so the
+    order does the work: the marker first, then the previous state file goes (from here the URI
+    holds no checkpoint, and a later run knows that an upload was cut short), then every other file
+    (each object appears whole), the state file last, and the marker is removed."""
+    import pyarrow.fs as pafs
+
+    marker = remote / UPLOADING_NAME
+    remote.mkdir()
+    marker.write_bytes_atomic(b"")
+    (remote / STATE_NAME).unlink(missing_ok=True)
+    for f in sorted(local.iterdir()):
+        if f.name != STATE_NAME:
+            pafs.copy_files(str(f), (remote / f.name).path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=remote.fs)
+    (remote / STATE_NAME).write_bytes_atomic((local / STATE_NAME).read_bytes())
+    marker.unlink(missing_ok=True)

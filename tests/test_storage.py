@@ -224,3 +224,95 @@ def test_train_reads_a_fused_dataset_on_s3(s3, request, spine, tiny_llama, tmp_p
     local = train(TrainConfig(data=str(spine / "fused"), output=str(tmp_path / "b"), **cfg), log=lambda m: None)
     assert [h["loss"] for h in remote["history"]] == pytest.approx([h["loss"] for h in local["history"]], rel=1e-6)
     assert remote["tokens"] == local["tokens"] > 0
+
+
+def _train_cfg(spine, tiny_llama, output: str, **kw):
+    from fusedata.train import TrainConfig
+
+    return TrainConfig(data=str(spine / "fused"), model=str(tiny_llama), output=output, lr=3e-3, warmup_steps=1,
+                       max_steps=2, batch_tokens=64, seed=3, log_every=0, save_every=1, **kw)
+
+
+def test_train_output_on_s3_appears_whole_and_resumes(s3, request, spine, tiny_llama, tmp_path, monkeypatch):
+    """`train --output s3://…` trains in a local working copy and uploads each checkpoint with its
+    state file last: a run stopped between steps resumes from the URI, one stopped mid-upload (no
+    state file there, the upload marker left) starts again; both end where an uninterrupted local run does."""
+    import fusedata.train
+    from fusedata.train import STATE_NAME, UPLOADING_NAME, checkpoint_done, train
+
+    uri = f"{s3_prefix(request)}/ckpt"
+    prefix = uri.split(f"{BUCKET}/", 1)[1]
+    want = train(_train_cfg(spine, tiny_llama, str(tmp_path / "local")), log=lambda m: None)
+
+    def stop_at(step, tokens, model):  # after the optimizer step, before its checkpoint is saved
+        if step == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(_train_cfg(spine, tiny_llama, uri), log=lambda m: None, on_step=stop_at)
+    assert json.loads(locate(f"{uri}/{STATE_NAME}").read_text())["step"] == 1  # step 1's checkpoint is there
+    assert UPLOADING_NAME not in s3.keys(prefix) and not any(".tmp" in k for k in s3.keys(prefix))
+    got = train(_train_cfg(spine, tiny_llama, uri), log=lambda m: None)  # resumed from the URI
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in want["history"]], rel=1e-5)
+    assert checkpoint_done(_train_cfg(spine, tiny_llama, uri))
+    local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert s3.keys(prefix) == local_files  # the same files, no marker, no temporary ones
+
+    # stopped half-way through uploading a checkpoint: the URI holds no state file, only the marker
+    uri2 = f"{s3_prefix(request)}/ckpt2"
+    real, calls = fusedata.train.upload_checkpoint, {"n": 0}
+
+    def cut_upload(local, remote):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (remote / UPLOADING_NAME).write_bytes_atomic(b"")
+            (remote / STATE_NAME).unlink(missing_ok=True)
+            raise KeyboardInterrupt
+        real(local, remote)
+    monkeypatch.setattr(fusedata.train, "upload_checkpoint", cut_upload)
+    with pytest.raises(KeyboardInterrupt):
+        train(_train_cfg(spine, tiny_llama, uri2), log=lambda m: None)
+    monkeypatch.undo()
+    keys = s3.keys(uri2.split(f"{BUCKET}/", 1)[1])
+    assert UPLOADING_NAME in keys and STATE_NAME not in keys and not checkpoint_done(_train_cfg(spine, tiny_llama, uri2))
+    logs: list[str] = []
+    got = train(_train_cfg(spine, tiny_llama, uri2), log=logs.append)
+    assert any("cut short" in line for line in logs)
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in want["history"]], rel=1e-5)
+    assert s3.keys(uri2.split(f"{BUCKET}/", 1)[1]) == local_files
+    # a prefix holding other files is refused, as a local folder is
+    locate(f"{s3_prefix(request)}/notes/a.txt").write_bytes_atomic(b"x")
+    with pytest.raises(UsageError, match="is not a fusedata checkpoint"):
+        train(_train_cfg(spine, tiny_llama, f"{s3_prefix(request)}/notes"), log=lambda m: None)
+
+
+def test_publish_a_dataset_on_s3(s3, request, spine, monkeypatch, tmp_path):
+    """`publish s3://…` uploads the same repo as from the local folder (shards downloaded one commit at
+    a time), and a rerun finds every shard already there by streaming its git hash from S3."""
+    import huggingface_hub.constants as constants
+    import pyarrow.fs as pafs
+    from fake_hub import FakeHub
+
+    from fusedata.publish import publish
+
+    uri = f"{s3_prefix(request)}/fused"
+    pafs.copy_files(str(spine / "fused"), uri.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=locate(uri).fs)
+    token = "hf_FakeTokenForTests0123456789abcdef"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    monkeypatch.setenv("HF_TOKEN", token)
+    for var in ("HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeHub(token) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        publish(str(spine / "fused"), "org/from-disk", files_per_commit=2, log=lambda m: None)
+        logs: list[str] = []
+        publish(uri, "org/from-s3", files_per_commit=2, log=logs.append)
+        remote, local = hub.files("org/from-s3"), hub.files("org/from-disk")
+        remote["README.md"] = remote["README.md"].replace(b"org/from-s3", b"org/from-disk").replace(b"from-s3", b"from-disk")
+        assert remote == local  # the shards, the manifest and the card (but for the repo's name)
+        assert [c.added for c in hub.commits[3:]] == [c.added for c in hub.commits[:3]]
+        logs.clear()
+        publish(uri, "org/from-s3", files_per_commit=2, log=logs.append)
+        assert any("3 of 3 shards already on the Hub" in line for line in logs)

@@ -8,9 +8,10 @@ sections are read from the fields of those config dataclasses (`config_options`)
 type-checked against its field and checked once, by the dataclass's `__post_init__`, so a typo or a
 bad value fails at once with the key's name instead of hours into a run.
 
-Layout of a pipeline's outputs (all under `[pipeline] output`):
-`corpus.jsonl` (demo corpus only), `topk/<model>/`, `aligned/<source>/`, `fused/`, `plots/`,
-`ckpt/`, `heldout.jsonl` (demo held-out only), `eval.json`.
+Layout of a pipeline's outputs (all under `[pipeline] output`, a local folder or a URI such as
+`s3://bucket/run`, joined with `fusedata.storage.join`): `corpus.jsonl` (demo corpus only),
+`topk/<model>/`, `aligned/<source>/`, `fused/`, `plots/`, `ckpt/`, `heldout.jsonl` (demo held-out
+only), `eval.json`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fusedata.errors import OptionError, UsageError
 from fusedata.stages.align import AlignConfig, AlignJob
 from fusedata.stages.extract import ExtractConfig, ExtractJob
 from fusedata.stages.fuse import FuseConfig, FuseJob
-from fusedata.storage import is_uri, shown
+from fusedata.storage import is_uri, join
 from fusedata.train import TrainConfig
 
 _REQUIRED = object()
@@ -141,7 +142,7 @@ class Pipeline:
     """A parsed, validated pipeline file: the jobs of every stage, in order."""
 
     path: Path
-    output: Path
+    output: Path | str  # a local folder, or a URI as given
     executor: str  # ray | local
     address: str | None
     workers: int
@@ -203,11 +204,8 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     root = _Section(data, "")
 
     p = root.sub("pipeline") or _Section({}, "pipeline")
-    output_text = p.get("output", str)
-    if is_uri(output_text):  # plots, the checkpoint and eval.json are local files under it
-        raise UsageError(f"{p.key('output')}: must be a local folder, got {shown(output_text)}; the dataset "
-                         "commands (extract, align, fuse, inspect, train --data) take s3:// and other URIs")
-    output = Path(output_text)
+    output_text = p.get("output", str)  # a folder or a URI (s3://…): every output goes under it
+    output = output_text if is_uri(output_text) else Path(output_text)
     top_k = p.positive("top_k", _default(ExtractConfig, "top_k"))
     codec = p.get("codec", str, DEFAULT_CODEC)
     from fusedata.codec import get_codec
@@ -228,7 +226,7 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     if c is None:
         raise UsageError("corpus: missing (give [corpus] inputs = [...] or a [corpus.demo] table)")
     demo_corpus = _demo(c.sub("demo"), {"per_domain": 8, "max_chars": 1500, "skip": 0})
-    default_inputs = [str(output / "corpus.jsonl")] if demo_corpus else _REQUIRED
+    default_inputs = [join(output, "corpus.jsonl")] if demo_corpus else _REQUIRED
     inputs = c.strings("inputs", default_inputs)
     if not inputs:
         raise UsageError("corpus.inputs: empty")
@@ -257,7 +255,7 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     base = config_options(e, ExtractConfig, {"model": target.spec, "top_k": top_k, "codec": codec})
     e.done()
     extract = [
-        ExtractJob(inputs, str(output / "topk" / mdl.name), replace(base, model=mdl.spec), text_field=text_field,
+        ExtractJob(inputs, join(output, "topk", mdl.name), replace(base, model=mdl.spec), text_field=text_field,
                    id_field=id_field, skip_bad_lines=skip_bad, docs_per_shard=docs_per_shard, overwrite=overwrite,
                    quiet=quiet, log=log)
         for mdl in models
@@ -266,8 +264,8 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     a = root.sub("align") or _Section({}, "align")
     align_cfg = config_options(a, AlignConfig, {"codec": codec})
     a.done()
-    target_dir = str(output / "topk" / target.name)
-    align = [AlignJob(target_dir, str(output / "topk" / s.name), str(output / "aligned" / s.name), align_cfg,
+    target_dir = join(output, "topk", target.name)
+    align = [AlignJob(target_dir, join(output, "topk", s.name), join(output, "aligned", s.name), align_cfg,
                       overwrite=overwrite, quiet=quiet, log=log) for s in sources]
 
     f = root.sub("fuse") or _Section({}, "fuse")
@@ -275,19 +273,19 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     f.done()
     if not fuse_cfg.include_target and not sources:
         raise UsageError("fuse.include_target = false needs at least one source in models.sources")
-    fuse = FuseJob(target_dir, [j.output for j in align], str(output / "fused"), fuse_cfg, overwrite=overwrite,
+    fuse = FuseJob(target_dir, [j.output for j in align], join(output, "fused"), fuse_cfg, overwrite=overwrite,
                    quiet=quiet, log=log)
 
     ins = root.sub("inspect")
     plots = None
     if ins is not None:
-        plots = str(output / "plots") if ins.get("plot", bool, True) else None
+        plots = join(output, "plots") if ins.get("plot", bool, True) else None
         ins.done()
 
     t = root.sub("train")
     train = None
     if t is not None:
-        ckpt = t.get("output", str, str(output / "ckpt"))
+        ckpt = t.get("output", str, join(output, "ckpt"))
         train = config_options(t, TrainConfig, {"data": fuse.output, "model": target.spec, "output": ckpt})
         t.done()
 
@@ -296,7 +294,7 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     evaluation = None
     if ev is not None:
         demo_heldout = _demo(ev.sub("demo"), {"per_domain": 2, "max_chars": 1500, "skip": 20})
-        held = ev.strings("data", [str(output / "heldout.jsonl")] if demo_heldout else [])
+        held = ev.strings("data", [join(output, "heldout.jsonl")] if demo_heldout else [])
         tasks = ev.strings("tasks", ["quartz", "socialiqa"])
         from fusedata.evaluate import TASKS
 
@@ -304,7 +302,7 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
             if task not in TASKS:
                 raise UsageError(f"eval.tasks: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
         evaluation = EvalSpec(train.output if train else target.spec, held, tasks, ev.positive("limit", 200),
-                              ev.positive("max_length", 1024), str(output / EVAL_NAME))
+                              ev.positive("max_length", 1024), join(output, EVAL_NAME))
         ev.done()
         if not held and not tasks:
             raise UsageError("eval: nothing to evaluate (give eval.data, eval.tasks or [eval.demo])")

@@ -18,6 +18,7 @@ from fusedata.codec import DEFAULT_CODEC
 from fusedata.errors import check_options, choice
 from fusedata.pipeline.config import Pipeline, load_pipeline
 from fusedata.pipeline.run import EvalStep, TrainStep
+from fusedata.storage import is_uri, locate
 from schemas.manifest import MANIFEST_NAME
 
 # Reference rates for estimates (the measured figures are in the README's benchmarks): extract
@@ -110,7 +111,7 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
     warnings: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = list(pipe.corpus_inputs)
-        if pipe.demo_corpus and not Path(inputs[0]).is_file():
+        if pipe.demo_corpus and not locate(inputs[0]).is_file():
             from fusedata.demo_corpus import build_demo_corpus
 
             dc = pipe.demo_corpus
@@ -153,7 +154,7 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
                 rate *= GPU_SPEEDUP
                 how = "table (GPU, rough)"
         rate *= parallel
-        done = (Path(ejob.output) / MANIFEST_NAME).is_file()
+        done = (locate(ejob.output) / MANIFEST_NAME).is_file()
         disk = positions * bytes_per_position(codec, k)
         models.append({"name": mdl.name, "model": mdl.spec, "params": params, "tokens": round(tokens),
                        "tokens_per_byte": sample_tokens / sample_bytes, "tokens_per_s": round(rate, 1),
@@ -166,13 +167,13 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
     align_rate = (DTW_POSITIONS_PER_S if pipe.align and pipe.align[0].config.sequence == "dtw"
                   else ALIGN_POSITIONS_PER_S) * parallel
     for ajob, mdl in zip(pipe.align, pipe.sources, strict=True):
-        done = (Path(ajob.output) / MANIFEST_NAME).is_file()
+        done = (locate(ajob.output) / MANIFEST_NAME).is_file()
         disk = target_positions * (bytes_per_position(codec, k) - 1.0)
         stages.append({"stage": f"align {mdl.name}", "output": ajob.output, "tokens": round(target_positions),
                        "disk_bytes": 0 if done else round(disk),
                        "seconds": 0.0 if done else target_positions / align_rate + n_shards * 0.05, "done": done})
     k_out = pipe.fuse.config.k_out or k
-    done = (Path(pipe.fuse.output) / MANIFEST_NAME).is_file()
+    done = (locate(pipe.fuse.output) / MANIFEST_NAME).is_file()
     stages.append({"stage": "fuse", "output": pipe.fuse.output, "tokens": round(target_positions),
                    "disk_bytes": 0 if done else round(target_positions * (bytes_per_position(codec, k_out) + 2.0)),
                    "seconds": 0.0 if done else target_positions / (FUSE_POSITIONS_PER_S * parallel) + n_shards * 0.05,
@@ -181,7 +182,7 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
         cfg = pipe.train
         steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * target_positions / cfg.batch_tokens / cfg.grad_accum))
         train_tokens = steps * cfg.grad_accum * cfg.batch_tokens
-        done = (Path(pipe.fuse.output) / MANIFEST_NAME).is_file() and TrainStep(cfg, print).is_done()
+        done = (locate(pipe.fuse.output) / MANIFEST_NAME).is_file() and TrainStep(cfg, print).is_done()
         train_rate = target_rate / parallel / TRAIN_COST
         stages.append({"stage": "train", "output": cfg.output, "tokens": round(train_tokens),
                        "disk_bytes": 0 if done else target_params * 4 * 3,  # weights + two AdamW moments
@@ -190,7 +191,7 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
         spec = pipe.eval
         held_tokens = 0.0
         for f in spec.inputs:
-            held_tokens += (Path(f).stat().st_size if Path(f).is_file() else 20_000) * models[0]["tokens_per_byte"]
+            held_tokens += (locate(f).size() if locate(f).is_file() else 20_000) * models[0]["tokens_per_byte"]
         mc_tokens = 100 * spec.limit * len(spec.tasks)  # ~100 tokens per multiple-choice item, all choices
         eval_tokens = held_tokens + mc_tokens
         done = EvalStep(spec, print).is_done()
@@ -198,11 +199,14 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
                        "seconds": 0.0 if done else eval_tokens / max(target_rate / parallel, 1e-9), "done": done})
 
     needed = sum(s["disk_bytes"] for s in stages)
-    where = _first_existing(pipe.output)
-    usage = shutil.disk_usage(where)
-    if needed * 1.1 > usage.free:
-        warnings.append(f"not enough disk: the remaining stages need ~{_fmt_bytes(needed)} under {pipe.output}, "
-                        f"but only {_fmt_bytes(usage.free)} is free on {where}")
+    where: Path | str = str(pipe.output)  # object storage: no free space to check
+    free = None
+    if not is_uri(pipe.output):
+        where = _first_existing(Path(pipe.output))
+        free = shutil.disk_usage(where).free
+        if needed * 1.1 > free:
+            warnings.append(f"not enough disk: the remaining stages need ~{_fmt_bytes(needed)} under {pipe.output}, "
+                            f"but only {_fmt_bytes(free)} is free on {where}")
     if docs.num_rows == 0:
         warnings.append("the corpus has no documents")
     return {
@@ -214,7 +218,7 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
         "models": models,
         "stages": stages,
         "total": {"disk_bytes": needed, "seconds": sum(s["seconds"] for s in stages)},
-        "disk": {"path": str(where), "free_bytes": usage.free, "needed_bytes": needed},
+        "disk": {"path": str(where), "free_bytes": free, "needed_bytes": needed},
         "warnings": warnings,
     }
 
@@ -239,7 +243,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append("-" * len(header))
     lines.append(f"{'total (remaining)':<22} {'':>14} {_fmt_bytes(t['disk_bytes']):>10} {_fmt_time(t['seconds']):>10}")
     d = plan["disk"]
-    lines.append(f"free disk at {d['path']}: {_fmt_bytes(d['free_bytes'])}")
+    if d["free_bytes"] is not None:
+        lines.append(f"free disk at {d['path']}: {_fmt_bytes(d['free_bytes'])}")
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 

@@ -5,12 +5,18 @@ resumed or ran. Before a finished dataset is trusted, its shards are checked aga
 its manifest (`verify_dataset`): a damaged shard is deleted together with the manifest and the stage
 reruns, recomputing only that shard. The other steps (demo files, plots, train, eval) each have an
 `identity()` and an `is_done()`, so a rerun of a finished pipeline does nothing.
+
+`[pipeline] output` may be a URI (s3://…): the datasets are written there as by the single-stage
+commands; the demo files, the plots and `eval.json` are made locally (in a temporary folder) and
+uploaded; the checkpoint is trained through a local working copy (fusedata/train.py), and `eval`
+evaluates a downloaded copy of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,6 +25,7 @@ from typing import Any
 
 from fusedata.dataset import atomic_write_text, repair_dataset, sha256_file, verify_dataset
 from fusedata.pipeline.config import EvalSpec, Pipeline, load_pipeline
+from fusedata.storage import Location, is_uri, locate
 from fusedata.train import TrainConfig
 from schemas.manifest import MANIFEST_NAME
 
@@ -32,16 +39,36 @@ class StepResult:
     detail: str = ""
 
 
-def _write_if_changed(build: Callable[[Path], Any], target: Path) -> bool:
-    """Build a file into a temporary name and replace `target` only when the content differs,
-    so a rerun leaves it (and every stage hashing it) untouched. Returns whether it changed."""
-    tmp = target.with_name(f".{target.name}.new")
-    build(tmp)
-    if target.is_file() and target.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
+def _write_if_changed(build: Callable[[Path], Any], target: str | Path) -> bool:
+    """Build a file in a temporary folder and replace `target` (a path or a URI) only when the
+    content differs, so a rerun leaves it (and every stage hashing it) untouched. Returns whether it changed."""
+    dest = locate(target)
+    with tempfile.TemporaryDirectory(prefix="fusedata-") as tmp:
+        built = Path(tmp) / dest.name
+        build(built)
+        data = built.read_bytes()
+    if dest.is_file() and dest.read_bytes() == data:
         return False
-    tmp.replace(target)
+    dest.parent.mkdir()
+    dest.write_bytes_atomic(data)
     return True
+
+
+def _upload_folder(local: Path, remote: Location) -> None:
+    """Every file of a local folder into the folder at `remote`, each written atomically."""
+    remote.mkdir()
+    for f in sorted(local.iterdir()):
+        if f.is_file():
+            (remote / f.name).write_bytes_atomic(f.read_bytes())
+
+
+def download_folder(remote: Location, local: Path) -> Path:
+    """The files under `remote` copied into the local folder `local`."""
+    import pyarrow.fs as pafs
+
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(remote.path, str(local), source_filesystem=remote.fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 class Step:
@@ -68,7 +95,7 @@ class DemoFileStep(Step):
     """The bundled demo corpus (or held-out set) as a JSONL file: rebuilt in a temporary file and
     written only when its content differs, so the stages that hash it see no change."""
 
-    def __init__(self, target: Path, settings: dict[str, int]) -> None:
+    def __init__(self, target: str | Path, settings: dict[str, int]) -> None:
         self.target, self.settings = target, settings
 
     def identity(self) -> dict[str, int]:
@@ -78,7 +105,6 @@ class DemoFileStep(Step):
         from fusedata.demo_corpus import build_demo_corpus
 
         dc = self.settings
-        self.target.parent.mkdir(parents=True, exist_ok=True)
         return _write_if_changed(lambda p: build_demo_corpus(p, dc["per_domain"], dc["max_chars"], dc["skip"]),
                                  self.target)
 
@@ -114,30 +140,43 @@ class EvalStep(Step):
 
     def identity(self) -> dict[str, Any]:
         """What changes an evaluation's result: the model's weights, the data files, the settings."""
-        from fusedata.corpus import expand_inputs
+        from fusedata.corpus import list_inputs
         from fusedata.models.spec import resolve, weights_hash
 
         spec = self.spec
-        ref = resolve(spec.model)
-        files = sorted(str(p) for p, _ in expand_inputs(spec.inputs)) if spec.inputs else []
-        # weights_hash is memoised by path; a checkpoint retrained in place must be hashed afresh
-        return {"model": spec.model, "model_hash": weights_hash.__wrapped__(ref.path),
-                "data": {f: sha256_file(Path(f)) for f in files}, "tasks": spec.tasks, "limit": spec.limit,
-                "max_length": spec.max_length}
+        if is_uri(spec.model):  # a checkpoint the pipeline trained to a URI: hashed where it is
+            model_hash = _weights_hash_at(locate(spec.model))
+        else:  # weights_hash is memoised by path; a checkpoint retrained in place must be hashed afresh
+            model_hash = weights_hash.__wrapped__(resolve(spec.model).path)
+        files = sorted(list_inputs(spec.inputs), key=lambda f: f.shown) if spec.inputs else []
+        return {"model": spec.model, "model_hash": model_hash,
+                "data": {f.shown: sha256_file(f.location()) for f in files}, "tasks": spec.tasks,
+                "limit": spec.limit, "max_length": spec.max_length}
 
     def is_done(self) -> bool:
-        out = Path(self.spec.output)
+        out = locate(self.spec.output)
         return out.is_file() and json.loads(out.read_text(encoding="utf-8")).get("identity") == self.identity()
 
     def run(self) -> None:
         from fusedata.evaluate import evaluate, render
 
         spec = self.spec
-        result = evaluate(spec.model, spec.inputs, spec.tasks, spec.limit, spec.max_length)
-        out = Path(spec.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="fusedata-eval-") as tmp:
+            model = str(download_folder(locate(spec.model), Path(tmp) / "model")) if is_uri(spec.model) else spec.model
+            result = evaluate(model, spec.inputs, spec.tasks, spec.limit, spec.max_length) | {"model": spec.model}
+        out = locate(spec.output)
+        out.parent.mkdir()
         atomic_write_text(out, json.dumps({"identity": self.identity(), "result": result}, indent=2))
         self.log(render(result))
+
+
+def _weights_hash_at(folder: Location) -> str:
+    """`weights_hash` of a model folder at a URI (the same value as for a local copy of it)."""
+    h = hashlib.sha256()
+    for f in [p for p in folder.files() if p.name.endswith(".safetensors")] + [folder / "config.json"]:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 class PlotStep(Step):
@@ -146,10 +185,10 @@ class PlotStep(Step):
     STAMP = ".fused-manifest.sha256"
 
     def __init__(self, fused: str, output: str) -> None:
-        self.fused, self.output = fused, Path(output)
+        self.fused, self.output = fused, locate(output)
 
     def identity(self) -> str:
-        p = Path(self.fused) / MANIFEST_NAME
+        p = locate(self.fused) / MANIFEST_NAME
         return hashlib.sha256((p.read_text(encoding="utf-8") if p.is_file() else "").encode()).hexdigest()
 
     def is_done(self) -> bool:
@@ -159,7 +198,12 @@ class PlotStep(Step):
     def run(self) -> None:
         from fusedata.report import plot
 
-        plot(self.fused, self.output)
+        if self.output.is_local:
+            plot(self.fused, self.output.path)
+        else:  # drawn locally, then uploaded
+            with tempfile.TemporaryDirectory(prefix="fusedata-plots-") as tmp:
+                plot(self.fused, tmp)
+                _upload_folder(Path(tmp), self.output)
         atomic_write_text(self.output / self.STAMP, self.identity())
 
 
@@ -201,10 +245,10 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
         log(f"[{name}] {status}")
 
     if pipe.demo_corpus:
-        step("demo-corpus", pipe.corpus_inputs[0], DemoFileStep(Path(pipe.corpus_inputs[0]), pipe.demo_corpus))
+        step("demo-corpus", pipe.corpus_inputs[0], DemoFileStep(pipe.corpus_inputs[0], pipe.demo_corpus))
     if pipe.demo_heldout:
         held = pipe.eval.inputs[0]  # type: ignore[union-attr]
-        step("demo-heldout", held, DemoFileStep(Path(held), pipe.demo_heldout))
+        step("demo-heldout", held, DemoFileStep(held, pipe.demo_heldout))
     for job, mdl in zip(pipe.extract, [pipe.target, *pipe.sources], strict=True):
         dataset_step(f"extract {mdl.name}", job, lambda job=job: ExtractStage(job.config, job=job))
     for job, mdl in zip(pipe.align, pipe.sources, strict=True):

@@ -19,6 +19,7 @@ import yaml
 
 import fusedata
 from fusedata.errors import UsageError
+from fusedata.storage import locate
 from schemas.manifest import Manifest
 
 DATA_DIR = "data"
@@ -238,8 +239,8 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Pa
     from fusedata.codec import codec_from_schema
     from schemas.common import k_of
 
-    first = folder / manifest.shards[0].name
-    schema = pq.read_schema(first)
+    first = locate(folder) / manifest.shards[0].name
+    schema = pq.read_schema(first.path, filesystem=first.fs)
     try:
         k = k_of(schema)
     except ValueError as exc:
@@ -294,7 +295,9 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Pa
               f"| k (entries per position) | {k} |",
               (f"| codec | `{codec.name}` v{codec.version} |" if codec else
                "| layout | plain: the top-k as Parquet lists, no codec |"),
-              f"| corpus sha256 | `{run.get('corpus_hash')}` |",
+              f"| corpus listing hash (`corpus_hash`) | `{run.get('corpus_hash')}` |",
+              *([f"| corpus content (`corpus_content`) | `{stats['corpus_content']}` |"]
+                if stats.get("corpus_content") else []),
               f"| fusedata version | {manifest.fusedata_version} |",
               f"| created | {manifest.created} |", ""]
     if manifest.kind == "topk" and "mean_ce" in stats:
@@ -361,7 +364,8 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Pa
 
     tables = []
     if plain or plain_only:
-        plain_schema = pq.read_schema(plain[0] / plain[1].shards[0].name) if plain else schema
+        plain_first = locate(plain[0]) / plain[1].shards[0].name if plain else None
+        plain_schema = pq.read_schema(plain_first.path, filesystem=plain_first.fs) if plain_first else schema
         tables.append(("plain" if plain else "", plain_schema, plain_meanings(manifest.kind)))
     if codec:
         tables.append(("compact" if plain else "", schema, column_meanings(manifest.kind)))

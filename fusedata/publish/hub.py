@@ -12,6 +12,11 @@ Upload is resumable: shards go in several commits (batches by file count and byt
 the remote with the same size and sha256 are skipped, so rerunning after a failure continues. The card
 and the manifest go in the last commit, so a repo is only marked complete once every shard is there.
 The token comes from `HF_TOKEN` or the user's login (`huggingface_hub.get_token()`) and is never printed.
+
+A dataset on a URI (s3://…) is read through fusedata.storage: its shards are checked by streaming
+them, and each commit's shards are downloaded into a temporary folder just before the commit and
+deleted after it (the Hub client uploads local files), so the local disk holds one commit's worth
+(at most `--commit-mb`), never the whole dataset.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fusedata.dataset import open_dataset, sha256_file
 from fusedata.errors import UsageError
 from fusedata.publish.card import DATA_DIR, MANIFEST_IN_REPO, MANIFEST_PLAIN_IN_REPO, PLAIN_DIR, dataset_card
-from fusedata.storage import is_uri, shown
+from fusedata.storage import Location, PathLike, locate
 from schemas.manifest import Manifest
 
 CARD_NAME = "README.md"
@@ -43,6 +50,7 @@ class PlannedFile:
     sha256: str
     local: Path | None = None  # a file to upload as is
     content: bytes | None = None  # generated content (card, manifest copy)
+    remote: Location | None = None  # a file on a URI: downloaded just before its commit (`_local_copies`)
 
     def data(self) -> str | bytes:
         return str(self.local) if self.local is not None else self.content  # type: ignore[return-value]
@@ -50,7 +58,7 @@ class PlannedFile:
 
 @dataclass
 class PublishPlan:
-    folder: Path
+    folder: Location
     repo_id: str
     manifest: Manifest
     shards: list[PlannedFile]
@@ -80,17 +88,18 @@ class PublishResult:
 
 # -- plan (no network) ---------------------------------------------------------------------------
 
-def _checked_shards(folder: Path, manifest: Manifest, into: str) -> list[PlannedFile]:
+def _checked_shards(folder: Location, manifest: Manifest, into: str) -> list[PlannedFile]:
     shards = []
     for entry in manifest.shards:
         path = folder / entry.name
-        size = path.stat().st_size
+        size = path.size()
         digest = sha256_file(path)
         if digest != entry.sha256 or size != entry.bytes:
             raise UsageError(f"{path}: sha256 {digest[:12]}… ({size:,} bytes) differs from the manifest's "
                              f"{entry.sha256[:12]}… ({entry.bytes:,} bytes); the shard was changed or damaged "
                              "after the run finished: rerun the stage to rebuild it")
-        shards.append(PlannedFile(f"{into}/{entry.name}", size, digest, local=path))
+        where = {"local": Path(path.path)} if path.is_local else {"remote": path}
+        shards.append(PlannedFile(f"{into}/{entry.name}", size, digest, **where))
     return shards
 
 
@@ -98,18 +107,14 @@ def _content(path_in_repo: str, data: bytes) -> PlannedFile:
     return PlannedFile(path_in_repo, len(data), hashlib.sha256(data).hexdigest(), content=data)
 
 
-def plan_publish(folder: str | Path, repo_id: str, plain: str | Path | None = None) -> PublishPlan:
+def plan_publish(folder: PathLike | Location, repo_id: str, plain: PathLike | Location | None = None) -> PublishPlan:
     """Check that `folder` is a finished, intact fusedata dataset and list what would be uploaded.
     `plain`: a plain export of `folder` (`fusedata export --layout plain`), published beside it as a
     second config of the same repo (the card's `configs` list says which is which)."""
     from fusedata.dataset import run_digest
 
     check_repo_id(repo_id)
-    for given in (folder, plain):
-        if given is not None and is_uri(given):  # the Hub client uploads local files
-            raise UsageError(f"{shown(str(given))}: publish reads a local dataset folder; copy the dataset to local "
-                             "disk first (e.g. `pyarrow.fs.copy_files`)")
-    folder = Path(folder)
+    folder = locate(folder)
     manifest = open_dataset(folder, verify=False)  # no manifest / missing shard; the sha256s are checked below
     if not manifest.shards:
         raise UsageError(f"{folder}: the manifest lists no shards; nothing to publish")
@@ -119,7 +124,7 @@ def plan_publish(folder: str | Path, repo_id: str, plain: str | Path | None = No
     if plain is not None:
         if manifest.kind == "plain":
             raise UsageError(f"{folder} is already a plain export; --plain goes with the compact dataset it came from")
-        plain_dir = Path(plain)
+        plain_dir = locate(plain)
         plain_manifest = open_dataset(plain_dir, "plain", verify=False)
         run = plain_manifest.run
         if run.get("source_digest") != run_digest(manifest.run) or \
@@ -142,12 +147,12 @@ def check_repo_id(repo_id: str) -> None:
 
 # -- upload --------------------------------------------------------------------------------------
 
-def git_blob_sha1(path: Path) -> str:
+def git_blob_sha1(path: PathLike | Location) -> str:
     """The git object id of a file (what the Hub reports as `oid` for a non-LFS file)."""
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    loc = locate(path)
+    h = hashlib.sha1(f"blob {loc.size()}\0".encode())
+    for block in loc.blocks():
+        h.update(block)
     return h.hexdigest()
 
 
@@ -156,7 +161,34 @@ def _same_on_remote(planned: PlannedFile, remote: Any) -> bool:
         return False
     if remote.lfs is not None:  # LFS / Xet files: the Hub reports the content's sha256
         return remote.lfs.sha256 == planned.sha256
-    return planned.local is not None and remote.blob_id == git_blob_sha1(planned.local)
+    source = planned.local if planned.local is not None else planned.remote
+    return source is not None and remote.blob_id == git_blob_sha1(source)
+
+
+@contextmanager
+def _local_copies(files: list[PlannedFile]) -> Iterator[list[PlannedFile]]:
+    """`files` with each one on a URI downloaded into a temporary folder (checked against the sha256
+    planned), which is deleted when the commit is done."""
+    if all(f.remote is None for f in files):
+        yield files
+        return
+    with tempfile.TemporaryDirectory(prefix="fusedata-publish-") as tmp:
+        out = []
+        for i, f in enumerate(files):
+            if f.remote is None:
+                out.append(f)
+                continue
+            local = Path(tmp) / f"{i:05d}-{f.remote.name}"
+            digest = hashlib.sha256()
+            with open(local, "wb") as dst:
+                for block in f.remote.blocks():
+                    digest.update(block)
+                    dst.write(block)
+            if digest.hexdigest() != f.sha256:
+                raise UsageError(f"{f.remote}: changed since it was checked (its sha256 differs from the manifest's); "
+                                 "rerun the stage that wrote it, then publish again")
+            out.append(replace(f, local=local, remote=None))
+        yield out
 
 
 def batches(files: list[PlannedFile], max_files: int, max_bytes: int) -> list[list[PlannedFile]]:
@@ -181,7 +213,8 @@ def render_plan(plan: PublishPlan) -> str:
     return "\n".join(lines)
 
 
-def publish(folder: str | Path, repo_id: str, *, plain: str | Path | None = None, private: bool = False,
+def publish(folder: PathLike | Location, repo_id: str, *, plain: PathLike | Location | None = None,
+            private: bool = False,
             revision: str | None = None,
             dry_run: bool = False, token: str | None = None, endpoint: str | None = None,
             files_per_commit: int = FILES_PER_COMMIT, bytes_per_commit: int = BYTES_PER_COMMIT,
@@ -242,9 +275,12 @@ def publish(folder: str | Path, repo_id: str, *, plain: str | Path | None = None
         size = sum(f.size for f in group)
         log(f"commit {i}/{n_commits}: {len(group)} shard(s), {size:,} bytes ({names})")
         try:
-            api.create_commit(repo_id, [CommitOperationAdd(f.path_in_repo, f.data()) for f in group],
-                              commit_message=f"fusedata publish: shards {names}", repo_type="dataset",
-                              revision=revision)
+            with _local_copies(group) as files:
+                api.create_commit(repo_id, [CommitOperationAdd(f.path_in_repo, f.data()) for f in files],
+                                  commit_message=f"fusedata publish: shards {names}", repo_type="dataset",
+                                  revision=revision)
+        except UsageError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise UsageError(_interrupted(repo_id, i, n_commits, hub_error(exc), plan, result)) from None
         result.commits += 1

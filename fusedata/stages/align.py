@@ -20,7 +20,15 @@ import pyarrow as pa
 
 from fusedata.align import align_tables
 from fusedata.codec import DEFAULT_CODEC, get_codec
-from fusedata.dataset import DatasetDir, open_dataset, read_shard, run_digest, table_tokens, target_identity
+from fusedata.dataset import (
+    DatasetDir,
+    check_same_corpus,
+    open_dataset,
+    read_shard,
+    run_digest,
+    table_tokens,
+    target_identity,
+)
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.stages.base import Stage, Task
 from fusedata.storage import locate
@@ -76,8 +84,7 @@ class AlignStage(Stage):
         self.target_dir, self.source_dir = locate(job.target), locate(job.source)
         self.target = open_dataset(self.target_dir, "topk", verify=job.verify)
         self.source = open_dataset(self.source_dir, "topk", verify=job.verify)
-        if self.source.run.get("corpus_hash") != self.target.run.get("corpus_hash"):
-            raise UsageError(f"{job.source} and {job.target} were extracted from different corpora (corpus_hash differs)")
+        check_same_corpus(self.source, job.source, self.target, job.target)
         self.k, self.target_vocab = int(self.source.run["top_k"]), int(self.target.run["vocab_size"])
         self.codec = get_codec(job.config.codec)
         self.codec.check_k(self.k)

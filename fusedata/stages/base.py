@@ -77,8 +77,8 @@ class Stage:
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def inputs(self) -> list[str]:
-        """Paths this stage reads: the output folder may not be or contain one of them."""
+    def inputs(self) -> list[Any]:
+        """Paths or Locations this stage reads: the output folder may not be or contain one of them."""
         return []
 
     def tasks(self) -> list[Task]:

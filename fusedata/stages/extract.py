@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
-from fusedata.corpus import CorpusPlan, ReadOptions, plan_corpus, read_pieces
+from fusedata.corpus import CorpusPlan, ReadOptions, add_content, plan_corpus, read_pieces
 from fusedata.dataset import DatasetDir, read_shard, shard_metadata, shard_name
 from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.models.spec import (
@@ -45,6 +45,7 @@ from fusedata.models.spec import (
     weights_hash,
 )
 from fusedata.stages.base import Resources, Stage, Task
+from fusedata.storage import Location
 from fusedata.topk import PAD_ID, TopK, merge_sparse, tail_mass
 from fusedata.windows import Window, batch_by_budget, tokenize_windows
 from schemas.manifest import Manifest
@@ -318,8 +319,9 @@ class ExtractStage(Stage):
             self._plan = plan_corpus(self.job.inputs, self.job.docs_per_shard, self.read_options())
         return self._plan
 
-    def inputs(self) -> list[str]:
-        return [f.shown for f in self.plan().files] if self.job else []
+    def inputs(self) -> list[Location]:
+        # Locations, not names: a URI's settings (endpoint, credentials in its query) stay with each file
+        return [f.location() for f in self.plan().files] if self.job else []
 
     def tasks(self) -> list[Task]:
         plan = self.plan()
@@ -333,7 +335,8 @@ class ExtractStage(Stage):
         docs, read = read_pieces(task.source, self.read_options())
         table = self(docs, on_tokens)
         record = {"sha256": read.sha256, "bytes": read.bytes_read, "docs": read.docs,
-                  "empty_skipped": read.empty_skipped, "bad_skipped": read.bad_skipped}
+                  "empty_skipped": read.empty_skipped, "bad_skipped": read.bad_skipped,
+                  "content": f"{read.content:064x}"}
         return table.replace_schema_metadata({**(table.schema.metadata or {}), INPUT_KEY: json.dumps(record).encode()})
 
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
@@ -347,9 +350,11 @@ class ExtractStage(Stage):
             docs_too_short=read["docs"] - result["docs"],  # fewer than two tokens: nothing to predict
             bad_lines_skipped=read["bad_skipped"],
             input_bytes=read["bytes"],
-            input_sha256=read["sha256"],  # of the shards' input hashes, in order: the corpus content read
+            input_sha256=read["sha256"],  # of the shards' input hashes, in order: the bytes read
             tokens_per_second_this_run=round(rate, 1),
         )
+        if read["content"]:  # every shard recorded its documents' digest (not so in shards of older runs)
+            result["corpus_content"] = read["content"]  # align and fuse compare corpora by it (check_same_corpus)
         return result
 
     def summary(self, manifest: Manifest) -> str:
@@ -505,7 +510,8 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
     digests: list[np.ndarray] = []
     total_bytes = 0
     read = {"docs": 0, "empty_skipped": 0, "bad_skipped": 0, "bytes": 0}
-    content = hashlib.sha256()  # the corpus's content identity: the workers' input hashes in shard order
+    content = hashlib.sha256()  # the workers' input hashes in shard order
+    documents: str | None = "0" * 64  # the sum of the shards' document digests (corpus.content_digest)
     for name in names:
         path = out.shard_path(name)
         t = read_shard(path, columns=["doc_id", "input_ids", "ce"])
@@ -522,6 +528,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
             if key in read:
                 read[key] += value
         content.update(record.get("sha256", "").encode())
+        documents = add_content(documents, record["content"]) if documents and "content" in record else None
         total_bytes += path.size()
     every = np.concatenate(digests) if digests else np.zeros(0, np.uint64)
     distinct = np.unique(every)
@@ -535,7 +542,7 @@ def topk_stats(out: DatasetDir, names: list[str]) -> dict[str, Any]:
         "mean_ce": ce_sum / max(positions, 1),
         "bytes": total_bytes,
         "bytes_per_token": total_bytes / max(positions, 1),
-        "input": read | {"sha256": content.hexdigest()},
+        "input": read | {"sha256": content.hexdigest(), "content": documents},
     }
 
 

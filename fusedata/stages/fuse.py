@@ -31,6 +31,7 @@ from fusedata.chunks import document_likelihoods, window_chunks
 from fusedata.codec import DEFAULT_CODEC, get_codec
 from fusedata.dataset import (
     DatasetDir,
+    check_same_corpus,
     check_same_target,
     open_dataset,
     read_shard,
@@ -129,9 +130,8 @@ class FuseStage(Stage):
         self.k_out = job.config.k_out or self.k
         self._check_target_kinds()
         self.alm = open_dataset(job.alm_source, "topk", verify=job.verify) if job.alm_source else None
-        if self.alm is not None and self.alm.run.get("corpus_hash") != self.target.run.get("corpus_hash"):
-            raise UsageError(f"{job.alm_source} and {job.target} were extracted from different corpora "
-                             "(corpus_hash differs)")
+        if self.alm is not None:
+            check_same_corpus(self.alm, job.alm_source, self.target, job.target)
         self.alm_index: dict[str, list[str]] = {}
         self.codec = get_codec(job.config.codec)
         self.codec.check_k(self.k_out)
