@@ -67,14 +67,23 @@ from fusedata.codec.zq import CHILDREN, COLUMN  # noqa: E402
 from fusedata.topk import TopK, tail_mass  # noqa: E402
 
 
+def targets_of(folder: Path) -> str:
+    """The extract run's targets ("topk:K" or "sampled:N"; older runs: top-k)."""
+    run = json.loads((folder / "_manifest.json").read_text())["run"]
+    return run.get("targets") or f"topk:{run.get('top_k')}"
+
+
 def topk_from_extract(folder: Path, k: int) -> tuple[TopK, int]:
-    """The first k of an extract output's top-k; tail mass recomputed for k (log-probs are full-vocab)."""
+    """The first k of an extract output's top-k; tail mass recomputed for k (log-probs are full-vocab).
+    Sampled targets are taken whole (k = N + 1 entries; their tail is 0)."""
     table = pq.read_table(folder)
     t = decode_topk(table, like=folder)
-    if t.k < k:
-        raise SystemExit(f"{folder} holds k={t.k} < {k}")
     manifest = json.loads((folder / "_manifest.json").read_text())
     vocab = int(manifest["run"].get("vocab_size") or t.ids.max() + 1)
+    if targets_of(folder).startswith("sampled"):
+        return t, vocab
+    if t.k < k:
+        raise SystemExit(f"{folder} holds k={t.k} < {k}")
     lp = t.logprobs[:, :k]
     return TopK(t.ids[:, :k], lp, t.gold_logprob, tail_mass(lp), t.lengths), vocab
 
@@ -246,6 +255,19 @@ class CodecLayout:
         return self.codec.decode(pq.read_table(io.BytesIO(blob)), k)
 
 
+class TopkLayout(CodecLayout):
+    """zq v2 made to use its top-k layout even on sampled targets (what v2 did before it had the
+    sampled layout): each value on the grid, padding coded, the zero tail coded against 1 − Σ p̂."""
+
+    def encode(self, t: TopK) -> tuple[dict[str, int], int, bytes]:
+        detect = zq2.Sampled.detect
+        zq2.Sampled.detect = staticmethod(lambda topk: None)
+        try:
+            return super().encode(t)
+        finally:
+            zq2.Sampled.detect = staticmethod(detect)
+
+
 class PerShard:
     """A layout applied to each real shard of the data on its own (as `fusedata extract` wrote
     them): the per-shard model of zq v2 is learnt from, and paid for by, one shard at a time."""
@@ -289,8 +311,13 @@ def errors(t: TopK, r: TopK) -> dict[str, float]:
     p, ph = p / p.sum(1, keepdims=True), ph / ph.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(ph, 1e-300))), 0.0).sum(1)  # [N]
+    real = np.isfinite(lp)  # padding entries (sampled targets with fewer distinct ids) are -inf on both sides
+    if not np.array_equal(real, np.isfinite(lph)):
+        raise SystemExit("padding differs: a layout lost or invented entries")
+    with np.errstate(invalid="ignore"):
+        dlp = np.where(real, np.abs(lp - lph), 0.0)
     return {
-        "max_dlp": float(np.abs(lp - lph).max()),
+        "max_dlp": float(dlp.max()),
         "max_dgold": float(np.abs(t.gold_logprob.astype(np.float64) - r.gold_logprob).max()),
         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
     }
@@ -334,7 +361,12 @@ def layouts(vocab: int, shard_windows: list[int] | None = None) -> list[object]:
         CodecLayout("zq@2", stats=False, label="zq v2, sqrt-p grid 0.03, coarse 1", sqrt_step=0.03, coarse_step=1.0),
         CodecLayout("zq@2", stats=False, label="zq v2, uniform grid 1/16, tail 1/32 (v1's error, rANS only)",
                     sqrt_step=0.0, step=1 / 16, coarse_step=1 / 16, tail_step=1 / 32),
+        *[CodecLayout("zq@2", stats=False, label=f"zq v2, sqrt-p grid {s}", sqrt_step=s) for s in (0.025, 0.0275)],
         *per_shard,
+        *([PerShard(TopkLayout("zq@2", stats=False, label="zq v2 top-k layout forced"), shard_windows)]
+          if shard_windows and len(shard_windows) > 1 else []),
+        *([PerShard(CodecLayout("zq@2", stats=False, label=f"zq v2, sqrt-p grid {s}", sqrt_step=s), shard_windows)
+           for s in (0.025, 0.0275)] if shard_windows and len(shard_windows) > 1 else []),
     ]
 
 
@@ -353,6 +385,104 @@ def table_md(model: str, k: int, n: int, w: int, rows: list[dict[str, object]]) 
                  f"| {_fmt(r['kl_max'])} | {r['enc_mbs']:.0f} | {r['dec_mbs']:.0f} | {r['enc_tps'] / 1e3:.0f} "
                  f"| {r['dec_tps'] / 1e3:.0f} |\n")
     return head + body
+
+
+# -- where zq v2's bytes go, and how fast the codecs are ---------------------------------
+
+
+def _column_sizes(blob: bytes) -> tuple[dict[str, int], int]:
+    """Compressed bytes per leaf column (last path element) and the file's total."""
+    meta = pq.ParquetFile(io.BytesIO(blob)).metadata
+    sizes: dict[str, int] = {}
+    for rg in range(meta.num_row_groups):
+        g = meta.row_group(rg)
+        for c in range(g.num_columns):
+            leaf = g.column(c).path_in_schema.split(".")[-1]
+            sizes[leaf] = sizes.get(leaf, 0) + g.column(c).total_compressed_size
+    return sizes, len(blob)
+
+
+def v2_breakdown(t: TopK, shard_windows: list[int]) -> dict[str, float]:
+    """Where zq v2's bytes go when each real shard is written on its own (B/position): the rANS
+    stream's parts at their ideal code length under the stored tables, the stream's overhead (state
+    flushed per row, renormalisation slack), the stored tables (id table / the others, each the
+    compressed `model` column split by uncompressed size), the row headers, Parquet's footer and
+    page headers."""
+    codec = get_codec("zq@2")
+    out: dict[str, float] = {}
+
+    def add(name: str, v: float) -> None:
+        out[name] = out.get(name, 0.0) + v
+
+    for part in PerShard(CodecLayout("zq@2"), shard_windows)._parts(t):
+        table = pa.table(codec.encode(part)).replace_schema_metadata(codec.metadata())
+        sizes, total = _column_sizes(_parquet(table, 6, stats=False))
+        bits = codec.field_bits(part, fine=True)
+        for name, b in bits.items():
+            add(f"stream: {name}", b / 8)
+        add("stream: rANS state and slack", sizes["stream"] - sum(bits.values()) / 8)
+        mb = codec.model_bytes(part)
+        add("tables: id table", sizes["model"] * mb["ids"] / sum(mb.values()))
+        add("tables: the others", sizes["model"] * mb["other"] / sum(mb.values()))
+        add("row headers (hdr)", sizes["hdr"])
+        add("Parquet footer and page headers", total - sum(sizes.values()))
+    return {name: v / t.n_positions for name, v in out.items()}
+
+
+def codec_speed(t: TopK, shard_windows: list[int], repeats: int) -> list[dict[str, object]]:
+    """The codecs alone (no Parquet): encode, then decode, every real shard; best of `repeats`
+    (numba is compiled or loaded before, see `numba_first_call`)."""
+    parts = PerShard(CodecLayout("zq"), shard_windows)._parts(t)
+    raw_mb = t.n_positions * (t.k * 8 + 8) / 1e6
+    rows = []
+    for name in ("zq", "zq@2"):
+        codec = get_codec(name)
+        enc, dec = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            cols = [pa.table(codec.encode(p)) for p in parts]
+            t1 = time.perf_counter()
+            for c in cols:
+                codec.decode(c, t.k)
+            enc.append(t1 - t0)
+            dec.append(time.perf_counter() - t1)
+        e, d = min(enc), min(dec)
+        rows.append({"codec": f"{codec.name} v{codec.version}", "enc_mbs": raw_mb / e, "dec_mbs": raw_mb / d,
+                     "enc_kpos_s": t.n_positions / e / 1e3, "dec_kpos_s": t.n_positions / d / 1e3,
+                     "load": os.getloadavg()[0]})
+    return rows
+
+
+_FIRST_CALL = """
+import json, time
+t0 = time.perf_counter()
+import numpy as np, pyarrow as pa
+from fusedata.codec import get_codec
+from fusedata.topk import TopK
+t1 = time.perf_counter()
+c = get_codec("zq@2")
+for t in (TopK(np.array([[3, 1]], np.int32), np.array([[-0.1, -3.0]], np.float32), np.array([-0.1], np.float32),
+               np.array([0.05], np.float32), np.array([1])),
+          TopK(np.array([[5, 3, 7]], np.int32), np.log(np.array([[0.5, 0.25, 0.25]], np.float32)),
+               np.array([-0.7], np.float32), np.array([0.0], np.float32), np.array([1]))):
+    c.decode(pa.table(c.encode(t)), t.k)
+print(json.dumps({"import_s": t1 - t0, "first_call_s": time.perf_counter() - t1}))
+"""
+
+
+def numba_first_call() -> dict[str, float]:
+    """Seconds of zq v2's first encode + decode (top-k and sampled) in a fresh process: with an
+    empty numba cache (everything compiled) and again with that cache filled (loaded)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        run = [sys.executable, "-c", _FIRST_CALL]
+        cold = json.loads(subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout)
+        warm = json.loads(subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout)
+    return {"compile_s": cold["first_call_s"], "cached_s": warm["first_call_s"], "import_s": warm["import_s"],
+            "load": os.getloadavg()[0]}
 
 
 # -- how small can lossless ids be? ------------------------------------------------------
@@ -426,6 +556,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "codec.json")
     ap.add_argument("--no-id-bounds", dest="id_bounds", action="store_false",
                     help="skip the (slow, pure Python) entropy estimates of the ids")
+    ap.add_argument("--breakdown", action="store_true", help="where zq v2's bytes go, part by part, per real shard")
+    ap.add_argument("--speed", action="store_true",
+                    help="the codecs alone (MB/s), and numba's first-call compile time in a fresh process")
     a = ap.parse_args()
     folder_of = {d.name: d for d in a.topk_dir} or {m: extract_topk(m, a.tokens, a.cache) for m in MODELS}
     shard_windows = {name: [pq.read_metadata(f).num_rows for f in sorted(d.glob("shard-*.parquet"))]
@@ -435,21 +568,45 @@ def main() -> None:
     ]
     if a.generate_only:
         return
-    warm = TopK(np.array([[3, 1]], np.int32), np.array([[-0.1, -3.0]], np.float32), np.array([-0.1], np.float32),
-                np.array([0.05], np.float32), np.array([1]))
-    get_codec("zq@2").decode(pa.table(get_codec("zq@2").encode(warm)), 2)  # numba compiles (or loads) outside the timings
     command = " ".join(["benchmarks/codec.py", *sys.argv[1:]])
     print(f"# top-k codec benchmark\n\ncommand: `{command}`; load before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results: dict[str, object] = {"command": command, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "runs": []}
+    if a.speed:
+        first = numba_first_call()
+        print(f"\nzq v2's first encode + decode in a fresh process: {first['compile_s']:.1f} s with an empty numba "
+              f"cache (compiling), {first['cached_s']:.2f} s with it filled; import {first['import_s']:.2f} s "
+              f"(load {first['load']:.1f})", flush=True)
+        results["numba_first_call"] = first
+    for t in (TopK(np.array([[3, 1]], np.int32), np.array([[-0.1, -3.0]], np.float32), np.array([-0.1], np.float32),
+                   np.array([0.05], np.float32), np.array([1])),
+              TopK(np.array([[5, 3, 7]], np.int32), np.log(np.array([[0.5, 0.25, 0.25]], np.float32)),
+                   np.array([-0.7], np.float32), np.array([0.0], np.float32), np.array([1]))):
+        get_codec("zq@2").decode(pa.table(get_codec("zq@2").encode(t)), t.k)  # numba compiles (or loads) outside the timings
     for model, load in sources:
-        for k in a.k:
+        sampled = targets_of(folder_of[model]).startswith("sampled")
+        for k in ([0] if sampled else a.k):  # sampled targets: their own k = N + 1
             t, vocab = load(k)
+            k = t.k
+            label = f"{model} (V={vocab}, {targets_of(folder_of[model]).split(':')[0]})"
             chosen = [lay for lay in layouts(vocab, shard_windows[model]) if any(o in lay.name for o in a.only.split("|"))]
             rows = [measure(lay, t, a.repeats) for lay in chosen]
-            print(table_md(f"{model} (V={vocab})", k, t.n_positions, len(t.lengths), rows), flush=True)
-            results["runs"].append({"data": model, "vocab": vocab, "k": k, "positions": t.n_positions,
-                                    "windows": len(t.lengths), "shards": len(shard_windows[model]),
-                                    "load_after": os.getloadavg()[0], "layouts": rows})
+            print(table_md(label, k, t.n_positions, len(t.lengths), rows), flush=True)
+            run = {"data": model, "targets": targets_of(folder_of[model]), "vocab": vocab, "k": k,
+                   "positions": t.n_positions, "windows": len(t.lengths), "shards": len(shard_windows[model]),
+                   "load_after": os.getloadavg()[0], "layouts": rows}
+            results["runs"].append(run)
+            if a.breakdown:
+                run["v2_breakdown"] = v2_breakdown(t, shard_windows[model])
+                print(f"\n{label}, k={k}: where zq v2's bytes go, per real shard (B/position)\n\n| part | B/position |\n"
+                      "|---|---:|\n" + "".join(f"| {name} | {v:.3f} |\n" for name, v in run["v2_breakdown"].items())
+                      + f"| **total** | **{sum(run['v2_breakdown'].values()):.2f}** |\n", flush=True)
+            if a.speed:
+                run["speed"] = codec_speed(t, shard_windows[model], a.repeats)
+                print(f"\n{label}, k={k}: the codecs alone, every real shard encoded then decoded (best of "
+                      f"{a.repeats})\n\n| codec | enc MB/s | dec MB/s | enc k positions/s | dec k positions/s | load |\n"
+                      "|---|---:|---:|---:|---:|---:|\n" + "".join(
+                          f"| {r['codec']} | {r['enc_mbs']:.1f} | {r['dec_mbs']:.1f} | {r['enc_kpos_s']:.0f} "
+                          f"| {r['dec_kpos_s']:.0f} | {r['load']:.1f} |\n" for r in run["speed"]), flush=True)
             if k == 10 and a.id_bounds:
                 bounds = id_bounds(t, folder_of[model], vocab)
                 print(f"\n{model}, k=10: bytes per position for the ids alone\n\n| model of the ids | B/token |\n"

@@ -160,8 +160,8 @@ def build_datasets(work: Path, methods_wanted: bool = True) -> dict[str, Any]:
         fused["sampled"] = run_fuse(FuseJob(str(work / "topk/smollm2-sampled"), [], str(work / "fused-sampled"),
                                             FuseConfig(method="mince"), **quiet))
         # the ALM arm: the target's windows with their byte chunks against Gemma-3's own tokens
-        alm = run_fuse(FuseJob(target, [], str(work / "fused-alm"), FuseConfig(method="mince"),
-                               alm_source=str(work / "topk/gemma3"), **quiet))
+        alm = run_fuse(FuseJob(target, [], str(work / "fused-alm"),
+                               FuseConfig(method="mince", alm_source=str(work / "topk/gemma3")), **quiet))
         topk_bytes = run_extract(ExtractJob(corpus, str(work / "topk" / "smollm2"),
                                             ExtractConfig(model=TARGET, top_k=10, max_length=MAX_LENGTH),
                                             docs_per_shard=16, **quiet)).stats["bytes_per_token"]

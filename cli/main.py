@@ -208,9 +208,9 @@ def fuse(target, aligned, output, method, unit, metric, temperature, k_out, code
     from fusedata.stages.fuse import FuseConfig, FuseJob, run_fuse
 
     config = FuseConfig(method=method, unit=unit, metric=metric, temperature=temperature, k_out=k_out,
-                        codec=codec or DEFAULT_CODEC, include_target=not no_target)
+                        codec=codec or DEFAULT_CODEC, include_target=not no_target, alm_source=alm_source)
     job = FuseJob(target, list(aligned), output, config, overwrite=overwrite, quiet=quiet, verify=verify,
-                  log=lambda m: click.echo(m, err=True), alm_source=alm_source)
+                  log=lambda m: click.echo(m, err=True))
     run_fuse(job, _executor(executor, address, workers))
 
 

@@ -517,3 +517,79 @@ def test_v2_refuses_bad_input_by_name() -> None:
     good = synthetic_topk(n_windows=1, k=3, max_len=5)
     with pytest.raises(CodecError, match="k=3"):
         v2().decode(pa.table(v2().encode(good)), 4)
+
+
+def sampled_topk(n_windows: int = 4, draws: int = 12, vocab: int = 400, seed: int = 0) -> TopK:
+    """Sampled targets as extract makes them (fusedata/stages/extract.py sample_targets) from random
+    logits, some peaked and some flat (there a drawn id outweighs the exact top-1 and comes first)."""
+    import torch
+
+    from fusedata.stages.extract import sample_targets
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 80, n_windows).astype(np.int64)
+    n = int(lengths.sum())
+    logits = torch.from_numpy(rng.normal(0, 1, (n, vocab)) * rng.choice([0.3, 2.0, 6.0], (n, 1)))
+    logp = torch.log_softmax(logits, dim=-1)
+    ids, probs = sample_targets(logp, torch.from_numpy(rng.random((n, draws))))
+    with np.errstate(divide="ignore"):
+        lp = np.where(ids == -1, -np.inf, np.log(probs)).astype(np.float32)
+    gold = logp[torch.arange(n), torch.from_numpy(rng.integers(0, vocab, n))].numpy().astype(np.float32)
+    return TopK(ids.astype(np.int32), lp, gold, np.zeros(n, np.float32), lengths)
+
+
+def test_v2_sampled_targets_keep_their_counts_exactly() -> None:
+    """A shard of sampled targets gets the sampled layout: ids and padding exact, tail exactly 0, the
+    sampled entries' ratios exactly their count ratios, each value within the grid's bound."""
+    t = sampled_topk()
+    codec = v2()
+    col = codec.encode(t)[zq2.COLUMN]
+    assert zq2.Model.from_bytes(col.field("model")[0].as_py()).sampled
+    r = roundtrip_parquet(codec, t)
+    assert np.array_equal(r.ids, t.ids) and np.array_equal(r.lengths, t.lengths)
+    assert np.all(r.tail_mass == 0) and np.array_equal(np.isinf(r.logprobs), t.ids == -1)
+    e, counts = zq2.Sampled.detect(t)
+    assert np.any(e > 0)  # some positions have a drawn id ahead of the exact top-1
+    real = t.ids != -1
+    p, ph = np.exp(t.logprobs.astype(np.float64)), np.exp(r.logprobs.astype(np.float64))
+    rows = np.arange(t.n_positions)
+    for i in rows[:50]:  # plain per-position check of the decoded ratios
+        others = [j for j in range(t.k) if real[i, j] and j != e[i]]
+        c = np.array([p[i, j] for j in others]) / p[i, others[0]]
+        np.testing.assert_allclose(np.array([ph[i, j] for j in others]) / ph[i, others[0]], c, rtol=1e-5)
+    q = codec.q
+    rest = np.log(p.sum(1) - p[rows, e])  # the sampled entries' total mass, what their error comes from
+    with np.errstate(invalid="ignore"):  # -inf - -inf at the padding
+        d = np.where(real, np.abs(r.logprobs - t.logprobs), 0.0)
+    assert np.all(d[rows, e] <= q.bound(t.logprobs[rows, e]))
+    assert np.all(d <= np.maximum(q.bound(rest), q.bound(t.logprobs[rows, e]))[:, None] + 1e-5)  # + float32
+    assert np.all(np.abs(r.gold_logprob - t.gold_logprob) <= q.bound(t.gold_logprob))
+    assert np.all(np.diff(np.where(real, r.logprobs, -1e30), axis=1) <= 0)  # still sorted
+    assert kl_mean(t, r) <= 1e-3
+
+
+def test_v2_sampled_layout_only_for_sampled_shapes_and_both_mix() -> None:
+    """A position that is not a sampled target (one count off) keeps the shard on the top-k layout,
+    still within the grid's bound; rows of a sampled and a top-k shard decode together."""
+    t = sampled_topk(n_windows=2, seed=1)
+    bent = TopK(t.ids.copy(), t.logprobs.copy(), t.gold_logprob, t.tail_mass, t.lengths)
+    bent.logprobs[3, 1] += 0.2  # no longer (1 - p) * c / N
+    bent.logprobs[3] = -np.sort(-bent.logprobs[3])
+    assert zq2.Sampled.detect(bent) is None
+    assert not zq2.Model.from_bytes(v2().encode(bent)[zq2.COLUMN].field("model")[0].as_py()).sampled
+    top = synthetic_topk(n_windows=2, k=t.k, seed=2, max_len=30)
+    both = pa.concat_tables([pa.table(v2().encode(t)), pa.table(v2().encode(top))])
+    r = v2().decode(both, t.k)
+    assert np.array_equal(r.ids, np.concatenate([t.ids, top.ids]))
+    n = t.n_positions
+    assert np.all(r.tail_mass[:n] == 0)
+    assert np.all(np.abs(r.logprobs[n:] - top.logprobs) <= v2().q.bound(top.logprobs))
+
+
+def test_v2_fixture_decodes_exactly_as_when_written() -> None:
+    """A zq v2 file written before the sampled-targets layout existed (tests/data/codec/make_v2_fixture.py)."""
+    want = np.load(FIXTURES / "zq-v2-expected.npz")
+    got = decode_topk(pq.read_table(FIXTURES / "zq-v2.parquet"))
+    for name in ("ids", "logprobs", "gold_logprob", "tail_mass", "lengths"):
+        np.testing.assert_array_equal(getattr(got, name), want[name], err_msg=name)
+    np.testing.assert_array_equal(got.ids, want["original_ids"])

@@ -459,6 +459,28 @@ def test_sampled_targets_are_unbiased(tiny_llama, references):
     assert np.abs(mean - p).sum(1).mean() < 0.25 * np.abs(one - p).sum(1).mean()
 
 
+def test_sampled_targets_through_zq2_keep_ids_and_counts(tiny_llama, corpus_docs):
+    """extract --targets sampled:N --codec zq@2 stores the sampled layout: the same ids as the lossless
+    codec, the same count ratios between drawn entries, tail 0."""
+    from fusedata.codec import zq2
+
+    docs = _docs(corpus_docs)
+    raw = TopK.concat(_decode(_sampled_stage(tiny_llama, 6, codec="raw")(docs), 7))
+    out = _sampled_stage(tiny_llama, 6, codec="zq@2")(docs)
+    assert zq2.Model.from_bytes(out.column(zq2.COLUMN).combine_chunks().field("model")[0].as_py()).sampled
+    got = TopK.concat(_decode(out, 7))
+    np.testing.assert_array_equal(got.ids, raw.ids)
+    assert np.all(got.tail_mass == 0)
+    e, _ = zq2.Sampled.detect(raw)
+    rows = np.arange(raw.n_positions)
+    drawn = raw.ids != -1
+    drawn[rows, e] = False  # the drawn entries: their log-prob differences are log count ratios
+    first = drawn.argmax(axis=1)
+    for t in (raw, got):
+        t.logprobs[...] = np.where(drawn, t.logprobs - t.logprobs[rows, first][:, None], 0.0)
+    np.testing.assert_allclose(got.logprobs, raw.logprobs, atol=1e-5)
+
+
 def test_sampled_targets_are_reproducible_by_window(tiny_llama, references, corpus_docs):
     docs = _docs(corpus_docs)
     one = _sampled_stage(tiny_llama, 6, batch_tokens=1)(docs)  # one window per batch

@@ -139,3 +139,39 @@ def test_fuse_matches_reference_on_random_data(method, unit):
         got = [(int(i), float(np.exp(lp))) for i, lp in zip(res.topk.ids[pos], res.topk.logprobs[pos], strict=True) if i != PAD_ID]
         assert [i for i, _ in got] == [i for i, _ in entries]
         np.testing.assert_allclose([p for _, p in got], [p for _, p in entries], rtol=1e-5)
+
+
+# -- run identity -----------------------------------------------------------------------------------
+def test_mince_identity_ignores_the_unused_temperature_and_keeps_old_records(spine, tmp_path):
+    """MinCE does not use AvgCE's temperature: changing it keeps the dataset (a rerun is a no-op);
+    a record written before the fix (temperature in a MinCE identity) is still the same run; AvgCE's
+    temperature is part of its identity."""
+    import json
+
+    from fusedata.dataset import same_run
+    from fusedata.stages.base import run_stage
+    from fusedata.stages.fuse import FuseJob, FuseStage, fuse_identity
+
+    assert "temperature" not in fuse_identity(FuseConfig(method="mince"))
+    assert fuse_identity(FuseConfig(method="mince", temperature=3.0)) == fuse_identity(FuseConfig(method="mince"))
+    assert fuse_identity(FuseConfig(method="avgce", temperature=3.0))["temperature"] == 3.0
+    assert fuse_identity(FuseConfig(method="avgce", temperature=3.0)) != fuse_identity(FuseConfig(method="avgce"))
+
+    quiet = {"quiet": True, "log": lambda m: None}
+    out = tmp_path / "fused"
+
+    def stage(**cfg) -> FuseStage:
+        return FuseStage(FuseJob(str(spine / "topk/llama"), [str(spine / "aligned/gemma")], str(out),
+                                 FuseConfig(**cfg), **quiet))
+
+    assert run_stage(stage(method="mince"), quiet=True, log=lambda m: None).status == "ran"
+    assert run_stage(stage(method="mince", temperature=2.0), quiet=True, log=lambda m: None).status == "skipped"
+    # a record as written before the fix: the temperature in a MinCE identity
+    for name in ("_run.json", "_manifest.json"):
+        doc = json.loads((out / name).read_text())
+        run = doc if name == "_run.json" else doc["run"]
+        run["fuse"]["temperature"] = 1.0
+        (out / name).write_text(json.dumps(doc))
+    assert same_run(json.loads((out / "_run.json").read_text()), stage(method="mince").identity())
+    assert run_stage(stage(method="mince"), quiet=True, log=lambda m: None).status == "skipped"
+    assert not same_run(stage(method="avgce").identity(), stage(method="avgce", temperature=2.0).identity())

@@ -150,7 +150,7 @@ def alm_data(spine, tmp_path_factory) -> dict[str, Path]:
     for name, source in (("self", spine / "topk/llama"), ("gemma", spine / "topk/gemma")):
         out[name] = root / f"fused-{name}"
         run_fuse(FuseJob(str(spine / "topk/llama"), [str(spine / "aligned/gemma")], str(out[name]),
-                         FuseConfig(method="mince"), alm_source=str(source), **QUIET))
+                         FuseConfig(method="mince", alm_source=str(source)), **QUIET))
     return out
 
 

@@ -120,6 +120,17 @@ def test_extract_backend_options_reach_every_model(tmp_path):
         assert c.wants_gpu()
 
 
+def test_fuse_alm_source_names_a_model_of_the_pipeline(tmp_path):
+    """`[fuse] alm_source` is FuseConfig's field; a pipeline file gives the model's name, which is
+    resolved to that model's topk folder of the pipeline."""
+    text = MINIMAL.replace('target = "m1"', 'target = "m1"\nsources = ["m2"]')
+    pipe = load_pipeline(_write(tmp_path, text + '[fuse]\nalm_source = "m2"\n'))
+    assert pipe.fuse.config.alm_source == str(Path("out") / "topk" / "m2") == pipe.extract[1].output
+    assert load_pipeline(_write(tmp_path, text)).fuse.config.alm_source == ""
+    with pytest.raises(UsageError, match=r"fuse\.alm_source: 'm3' is not a model of this pipeline \(one of: m1, m2\)"):
+        load_pipeline(_write(tmp_path, text + '[fuse]\nalm_source = "m3"\n'))
+
+
 def test_cli_reports_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["run", str(_write(tmp_path, MINIMAL + "[extract]\nfoo = 1\n"))])
     assert result.exit_code == 2

@@ -19,6 +19,11 @@ is exactly that, pays only for the quantisation error. It is coded on the log-pr
 (tail_step 0, the default) or uniformly in ln t at tail_step (v1's rule). Ids and the number
 of entries are exact; log-prob, gold and tail errors are bounded by the grid (`bound`).
 
+Sampled targets (`extract --targets sampled:N`: an exact top-1 and entries of probability
+(1 − p₁)·c/N, tail 0) are recognised per shard and get a layout of their own (`Sampled`): the
+counts are coded exactly instead of each value on the grid, padding costs nothing, and the zero
+tail is not coded; the model's magic (FDS2 instead of FDM2) says which layout a row has.
+
 Where the model lives: in the `model` child of every row. All rows of a shard hold the same
 bytes, which Parquet's dictionary encoding stores once per column chunk, so the file pays for
 the model once; a row stays self-contained, so readers that filter or concatenate rows of
@@ -29,6 +34,8 @@ Layout: struct column `topk_zq2`, binary children, one value per window:
             u32 n words, u32 crc32 of the model, u32 crc32 of the stream
     model   b"FDM2" + LEB128 varints [k, (len, counts) of c0, d_1..d_{k-1}, gold rank,
             gold bits, tail bits; n ids, first id, id gaps, id counts] + u32 crc32
+            (sampled: b"FDS2", tables exact code, exact index, rest residual, count_1..count_{k-1},
+            gold rank, gold bits)
     stream  uint32 LE words of the row's rANS stream: its positions in order, each position's
             symbols in the order of the table above
 """
@@ -62,7 +69,8 @@ from fusedata.codec.zq import MAX_ID, PAD_CODE, TAIL_ZERO, TAIL_ZERO_CODE, _bina
 from fusedata.topk import PAD_ID, TopK
 
 MAGIC = b"FDZ2"
-MODEL_MAGIC = b"FDM2"
+MODEL_MAGIC = b"FDM2"  # the tables of a shard of top-k targets
+SAMPLED_MAGIC = b"FDS2"  # the tables of a shard of sampled targets (`Sampled`)
 HDR = struct.Struct("<4sBBHIIII")  # magic, version, reserved, k, n, n words, model crc32, stream crc32
 COLUMN = "topk_zq2"
 CHILDREN = ("hdr", "model", "stream")
@@ -163,9 +171,12 @@ class GridQuantiser:
 class Model:
     """The frequency tables of one shard, with their cumulative starts at SCALE bits."""
 
-    def __init__(self, k: int, dense: list[np.ndarray], id_values: np.ndarray, id_counts: np.ndarray) -> None:
-        self.k = k
-        self.dense = dense  # [c0, d_1..d_{k-1}, gold rank, gold bits, tail bits] counts
+    def __init__(self, k: int, dense: list[np.ndarray], id_values: np.ndarray, id_counts: np.ndarray,
+                 sampled: bool = False) -> None:
+        self.k, self.sampled = k, sampled
+        # top-k: [c0, d_1..d_{k-1}, gold rank, gold bits, tail bits] counts; sampled targets (`Sampled`):
+        # [exact code, exact index, rest residual, count_1..count_{k-1}, gold rank, gold bits]
+        self.dense = dense
         self.id_values, self.id_counts = id_values.astype(np.int64), id_counts.astype(np.int64)
         try:
             self.freq = [normalise(c) for c in dense]
@@ -193,13 +204,15 @@ class Model:
             parts += [np.array([c.size]), c]
         gaps = np.diff(self.id_values, prepend=0)
         parts += [np.array([self.id_values.size]), gaps, self.id_counts]
-        body = MODEL_MAGIC + varint_encode(np.concatenate(parts).astype(np.int64)).tobytes()
+        magic = SAMPLED_MAGIC if self.sampled else MODEL_MAGIC
+        body = magic + varint_encode(np.concatenate(parts).astype(np.int64)).tobytes()
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Model:
-        if len(blob) < 8 or blob[:4] != MODEL_MAGIC:
+        if len(blob) < 8 or blob[:4] not in (MODEL_MAGIC, SAMPLED_MAGIC):
             raise CodecError("zq v2: bad model magic (not a zq v2 column, or corrupted)")
+        sampled = blob[:4] == SAMPLED_MAGIC
         if zlib.crc32(blob[:-4]) != struct.unpack("<I", blob[-4:])[0]:
             raise CodecError("zq v2: model checksum mismatch (corrupted data)")
         data = np.frombuffer(blob[4:-4], np.uint8)
@@ -213,15 +226,175 @@ class Model:
             return v
 
         k = int(take(1)[0])
+        if not 1 <= k <= MAX_K or (sampled and k < 2):
+            raise CodecError("zq v2: model k out of range (corrupted)")
         dense = []
-        for _ in range(k + 3):
+        for _ in range(k + 4 if sampled else k + 3):
             dense.append(take(int(take(1)[0])))
         d = int(take(1)[0])
         values = np.cumsum(take(d))
         counts = take(d)
         if p != data.size:
             raise CodecError("zq v2: model has trailing bytes (corrupted)")
-        return cls(k, dense, values, counts)
+        return cls(k, dense, values, counts, sampled)
+
+
+class Slots:
+    """Every position's symbols in decode order, one column per symbol slot: (start, freq, scale)
+    for rANS, a mask of the positions that send it, and the field group it codes (field_bits)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.group: list[str] = []
+        self.start: list[np.ndarray] = []
+        self.freq: list[np.ndarray] = []
+        self.scale: list[np.ndarray] = []
+        self.used: list[np.ndarray] = []
+
+    def add(self, group: str, start: np.ndarray, freq: np.ndarray, scale: np.ndarray,
+            used: np.ndarray | None = None) -> None:
+        self.group.append(group)
+        self.start.append(start)
+        self.freq.append(freq)
+        self.scale.append(scale)
+        self.used.append(np.ones(start.shape, bool) if used is None else used)
+
+    def table(self, group: str, t: int, sym: np.ndarray, used: np.ndarray | None = None) -> None:
+        """A symbol of dense table t (positions outside `used` send nothing)."""
+        sym = sym if used is None else np.where(used, sym, 0)
+        self.add(group, self.model.cum[t][sym], self.model.freq[t][sym], np.full(sym.shape, SCALE, np.int64), used)
+
+    def ids(self, ids: np.ndarray, used: np.ndarray | None = None) -> None:
+        m = self.model
+        idx = np.searchsorted(m.id_values, ids if used is None else np.where(used, ids, m.id_values[0]))
+        self.add("ids", m.id_cum[idx], m.id_freq[idx], np.full(ids.shape, SCALE, np.int64), used)
+
+    def zigzag(self, group: str, t: int, z: np.ndarray, used: np.ndarray | None = None) -> None:
+        """A zigzag value: its bit length from table t, then the bits below the leading one, raw."""
+        b = _bit_length(z)
+        self.table(group, t, b, used)
+        val, width, sent = _raw_slots(z, b)
+        for c in range(2):
+            self.add(group, val[:, c], np.ones(z.shape, np.int64), width[:, c],
+                     sent[:, c] if used is None else sent[:, c] & used)
+
+
+class Sampled:
+    """The layout of sampled targets (`extract --targets sampled:N`, fusedata/stages/extract.py):
+    per position one exact entry (the model's top-1, probability p) and entries whose probabilities
+    are R·c/N, c >= 1 draws of N = k − 1, R = 1 − p; tail 0; padding after them.
+
+    Coding their log-probs on the grid (the top-k layout) would round each R·c/N on its own, pay for
+    the padding's ids and deltas, and code the zero tail against 1 − Σ of rounded values (~17 bits at
+    half the positions). Here a position codes: the exact entry's grid code `g` and its index `e` in
+    the list, the grid code of R as its difference from the code of 1 − p̂, the counts in order (one
+    table per rank; the decoder stops when they reach N, so padding costs nothing), the ids of the
+    real entries, then the gold rank / distance as in the top-k layout. The counts are exact, so the
+    ratios between sampled entries are kept exactly and the only error is the grid's on p and R.
+    """
+
+    def __init__(self, codec: ZqV2Codec) -> None:
+        self.q = codec.q
+
+    @staticmethod
+    def detect(topk: TopK) -> tuple[np.ndarray, np.ndarray] | None:
+        """(exact index e [n], counts [n, k-1] of the other entries, 0 = padding) when every position
+        has the sampled shape, else None."""
+        n, k = topk.ids.shape
+        if n == 0 or k < 2 or np.any(topk.tail_mass != 0):
+            return None
+        pad = topk.ids == PAD_ID  # [n, k]
+        if np.any(pad[:, 0]) or np.any(pad[:, :-1] & ~pad[:, 1:]):
+            return None
+        lp = np.where(pad, 0.0, topk.logprobs.astype(np.float64))
+        if not np.all(np.isfinite(lp)):
+            return None
+        p = np.where(pad, 0.0, np.exp(lp))  # [n, k]
+        total, draws, slot = p.sum(axis=1), k - 1, np.arange(k)
+        found = np.full(n, -1)
+        counts = np.zeros((n, k), np.int64)
+        for e in range(k):  # is entry e the exact one? then the others are whole multiples of R / N
+            rest = total - p[:, e]  # [n]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                c = p * draws / rest[:, None]  # [n, k]
+            cr = np.rint(np.nan_to_num(c, nan=-1.0, posinf=-1.0))
+            other = (slot != e)[None, :] & ~pad
+            whole = np.where(other, (np.abs(c - cr) <= 1e-3) & (cr >= 1), True).all(axis=1)
+            ok = (found < 0) & ~pad[:, e] & (rest > 0) & whole & (np.where(other, cr, 0).sum(axis=1) == draws)
+            found[ok] = e
+            counts[ok] = np.where(other[ok], cr[ok], 0).astype(np.int64)
+        if np.any(found < 0):
+            return None
+        keep = slot[None, :] != found[:, None]
+        others = counts[keep].reshape(n, k - 1)  # [n, k-1] in list order
+        if np.any(np.diff(others, axis=1) > 0):
+            return None
+        return found, others
+
+    def rest_prediction(self, g: np.ndarray) -> np.ndarray:
+        """Grid code of 1 − p̂ (p̂: the exact entry as decoded), which R's code is coded against."""
+        p = np.exp(self.q.decode(g).astype(np.float64))
+        return self.q.encode(np.log(np.maximum(1.0 - p, 1e-30)))
+
+    def values(self, e: np.ndarray, g: np.ndarray, r: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """float32 log-probs [n, k] as decoded: the exact entry at e, R̂·c/N at the others (in order),
+        -inf padding; the exact entry clamped between its neighbours, so the list stays sorted."""
+        n, draws = counts.shape
+        k = draws + 1
+        rest = np.exp(self.q.decode(r).astype(np.float64))  # [n]
+        with np.errstate(divide="ignore"):
+            other = np.where(counts > 0, np.log(rest[:, None] * counts / draws), -np.inf)  # [n, k-1]
+        slot = np.arange(k)[None, :]
+        src = np.clip(np.where(slot < e[:, None], slot, slot - 1), 0, k - 2)  # [n, k] index into other
+        lp = np.take_along_axis(other, src, axis=1)
+        rows, m = np.arange(n), (counts > 0).sum(axis=1)
+        prev = np.where(e > 0, lp[rows, np.maximum(e - 1, 0)], np.inf)
+        nxt = np.where(e < m, lp[rows, np.minimum(e + 1, k - 1)], -np.inf)
+        lp[rows, e] = np.clip(self.q.decode(g).astype(np.float64), nxt, prev)
+        return lp.astype(np.float32)
+
+    def reference_codes(self, lp: np.ndarray) -> np.ndarray:
+        """Grid codes [n, k] of decoded log-probs, padding repeating the last real entry: what the
+        gold log-prob's rank and distance refer to."""
+        real = np.isfinite(lp)
+        idx = np.where(real, np.arange(lp.shape[1])[None, :], 0)
+        np.maximum.accumulate(idx, axis=1, out=idx)
+        return self.q.encode(np.take_along_axis(lp, idx, axis=1))
+
+    def plan(self, topk: TopK, e: np.ndarray, counts: np.ndarray) -> tuple[Model, Slots]:
+        n, k = topk.ids.shape
+        rows = np.arange(n)
+        lp = topk.logprobs.astype(np.float64)
+        g = self.q.encode(lp[rows, e])  # [n]
+        p = np.where(topk.ids == PAD_ID, 0.0, np.exp(np.where(topk.ids == PAD_ID, 0.0, lp)))
+        r = self.q.encode(np.log(p.sum(axis=1) - p[rows, e]))  # [n] grid code of R
+        rz = _zigzag(r - self.rest_prediction(g))
+        ref = self.reference_codes(self.values(e, g, r, counts))
+        gold = self.q.encode(topk.gold_logprob)
+        if n and max(int(ref.max()), int(gold.max()), int(g.max()), int(r.max())) >= MAX_CODE:
+            raise CodecError("zq v2: log-prob below the grid's range")
+        eq = ref == gold[:, None]
+        inside = eq.any(axis=1)
+        rank = np.where(inside, eq.argmax(axis=1) + 1, 0).astype(np.int64)
+        gold_z = np.where(inside, 0, _zigzag(gold - ref[:, -1]))
+        ids = np.where(topk.ids == PAD_ID, PAD_CODE, topk.ids.astype(np.int64))
+        real = topk.ids != PAD_ID
+        dense = [np.bincount(g, minlength=1), np.bincount(e, minlength=k), np.bincount(rz, minlength=1)]
+        dense += [np.bincount(counts[:, j][counts[:, j] > 0], minlength=1) for j in range(k - 1)]
+        dense += [np.bincount(rank, minlength=k + 1), np.bincount(_bit_length(gold_z[~inside]), minlength=1)]
+        values, id_counts = np.unique(ids[real], return_counts=True)
+        model = Model(k, dense, values, id_counts, sampled=True)
+        slots = Slots(model)
+        slots.table("logprobs.exact_index", 1, e)
+        slots.table("logprobs.exact", 0, g)
+        slots.table("logprobs.rest", 2, rz)
+        for j in range(k - 1):
+            slots.table("logprobs.counts", 3 + j, counts[:, j], counts[:, j] > 0)
+        for j in range(k):
+            slots.ids(ids[:, j], real[:, j])
+        slots.table("gold.rank", k + 2, rank)
+        slots.zigzag("gold.outside", k + 3, gold_z, ~inside)
+        return model, slots
 
 
 def _raw_slots(z: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -284,6 +457,77 @@ def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_va
                     gold_z[pos] = z + rest
                 else:
                     tail_z[pos] = z + rest
+            pos += 1
+        if x != (np.int64(1) << 31) or p != end:  # a clean stream ends in the initial state
+            return r
+    return -1
+
+
+@njit(cache=True)
+def _decode_rows_sampled(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_values,
+                         e, g, rz, counts, ids, rank, gold_z, pos0):  # pragma: no cover - compiled
+    """Decode rows of sampled targets (`Sampled`) from position pos0 on; returns the first bad row or -1."""
+    draws = k - 1
+    pos = pos0
+    for r in range(row_n.size):
+        p, end = row_word_off[r], row_word_off[r + 1]
+        if end - p < 2:
+            return r
+        x, p = rans_init(words, p)
+        for _ in range(row_n[r]):
+            for t in (1, 0, 2):  # the exact entry's index and grid code, the rest mass's residual
+                i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
+                if not ok:
+                    return r
+                if t == 1:
+                    e[pos] = i
+                elif t == 0:
+                    g[pos] = i
+                else:
+                    rz[pos] = i
+            left, m = draws, 0
+            for j in range(draws):  # the counts, until they add up to the draws
+                if left == 0:
+                    break
+                t = 3 + j
+                i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
+                if not ok or i < 1 or i > left:
+                    return r
+                counts[pos, j] = i
+                left -= i
+                m += 1
+            if left != 0 or e[pos] > m:
+                return r
+            for j in range(k):
+                if j > m:
+                    ids[pos, j] = PAD_CODE
+                    continue
+                i, x, p, ok = rans_symbol(x, words, p, end, id_cum)
+                if not ok:
+                    return r
+                ids[pos, j] = id_values[i]
+            t = k + 2
+            i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
+            if not ok:
+                return r
+            rank[pos] = i
+            if i == 0:  # gold below the list: bit length, then raw bits
+                t = k + 3
+                i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
+                if not ok:
+                    return r
+                z = np.int64(0) if i == 0 else np.int64(1) << (i - 1)
+                nraw = max(i - 1, 0)
+                rest = np.int64(0)
+                for w in (max(nraw - RAW_CHUNK, 0), min(nraw, RAW_CHUNK)):
+                    if w == 0:
+                        continue
+                    v = x & ((np.int64(1) << w) - 1)
+                    x, p, ok = rans_take(x, words, p, end, np.int64(1), np.int64(0), w)
+                    if not ok:
+                        return r
+                    rest = (rest << w) | v
+                gold_z[pos] = z + rest
             pos += 1
         if x != (np.int64(1) << 31) or p != end:  # a clean stream ends in the initial state
             return r
@@ -382,54 +626,35 @@ class ZqV2Codec(Codec):
         tail_z = _zigzag(t_code - pred)
         return codes, ids, rank, gold_z, tail_z
 
-    def encode(self, topk: TopK) -> dict[str, pa.Array]:
-        n, k = topk.ids.shape
-        self.check_k(k)
+    def _plan(self, topk: TopK) -> tuple[Model, Slots]:
+        """The shard's model and every position's symbols in decode order (`Slots`): the sampled
+        targets' layout (`Sampled`) when every position has their shape, else the top-k one."""
+        shape = Sampled.detect(topk)
+        if shape is not None:
+            return Sampled(self).plan(topk, *shape)
         codes, ids, rank, gold_z, tail_z = self._symbols(topk)
         model = Model.count(codes, ids, rank, gold_z, tail_z)
-        model_bytes = model.to_bytes()
-
-        # every position's symbols in decode order, as (start, freq, scale) slots [n, S]
-        cols_start, cols_freq, cols_scale, cols_used = [], [], [], []
-
-        def add(table: int, sym: np.ndarray, used: np.ndarray | None = None) -> None:
-            cum, freq = model.cum[table], model.freq[table]
-            cols_start.append(cum[sym])
-            cols_freq.append(freq[sym])
-            cols_scale.append(np.full(sym.shape, SCALE, np.int64))
-            cols_used.append(np.ones(sym.shape, bool) if used is None else used)
-
-        def add_raw(val: np.ndarray, width: np.ndarray, used: np.ndarray) -> None:
-            for c in range(2):
-                cols_start.append(val[:, c])
-                cols_freq.append(np.ones(val.shape[0], np.int64))
-                cols_scale.append(width[:, c])
-                cols_used.append(used[:, c])
-
-        add(0, codes[:, 0])
+        k = codes.shape[1]
+        slots = Slots(model)
+        slots.table("logprobs.top1", 0, codes[:, 0])
         delta = np.diff(codes, axis=1)
         for j in range(k - 1):
-            add(1 + j, delta[:, j])
-        id_idx = np.searchsorted(model.id_values, ids)  # [n, k] index of each id in the table
+            slots.table("logprobs.deltas", 1 + j, delta[:, j])
         for j in range(k):
-            cols_start.append(model.id_cum[id_idx[:, j]])
-            cols_freq.append(model.id_freq[id_idx[:, j]])
-            cols_scale.append(np.full(n, SCALE, np.int64))
-            cols_used.append(np.ones(n, bool))
-        add(k, rank)
-        outside = rank == 0
-        gb = _bit_length(gold_z)
-        add(k + 1, gb, outside)
-        val, width, used = _raw_slots(gold_z, gb)
-        add_raw(val, width, used & outside[:, None])
-        tb = _bit_length(tail_z)
-        add(k + 2, tb)
-        add_raw(*_raw_slots(tail_z, tb))
+            slots.ids(ids[:, j])
+        slots.table("gold.rank", k, rank)
+        slots.zigzag("gold.outside", k + 1, gold_z, rank == 0)
+        slots.zigzag("tail", k + 2, tail_z)
+        return model, slots
 
-        used_m = np.stack(cols_used, axis=1)  # [n, S]
-        start = np.stack(cols_start, axis=1)[used_m]
-        freq = np.stack(cols_freq, axis=1)[used_m]
-        scale = np.stack(cols_scale, axis=1)[used_m]
+    def encode(self, topk: TopK) -> dict[str, pa.Array]:
+        self.check_k(topk.ids.shape[1])
+        model, slots = self._plan(topk)
+        model_bytes = model.to_bytes()
+        used_m = np.stack(slots.used, axis=1)  # [n, S]
+        start = np.stack(slots.start, axis=1)[used_m]
+        freq = np.stack(slots.freq, axis=1)[used_m]
+        scale = np.stack(slots.scale, axis=1)[used_m]
         per_pos = used_m.sum(axis=1)  # symbols per position
         pos_off = topk.offsets()
         sym_off = np.concatenate([[0], np.cumsum(per_pos)])[pos_off].astype(np.int64)  # [W+1]
@@ -442,7 +667,7 @@ class ZqV2Codec(Codec):
         hdr = bytearray()
         for w in range(w_count):  # one loop step per window: crc32 and header
             crc = zlib.crc32(stream[byte_off[w] : byte_off[w + 1]])
-            hdr += HDR.pack(MAGIC, self.version, 0, k, int(topk.lengths[w]),
+            hdr += HDR.pack(MAGIC, self.version, 0, topk.k, int(topk.lengths[w]),
                             int(word_off[w + 1] - word_off[w]), model_crc, crc)
         children = [
             _binary(np.frombuffer(bytes(hdr), np.uint8), np.arange(w_count + 1) * HDR.size),
@@ -451,32 +676,22 @@ class ZqV2Codec(Codec):
         ]
         return {COLUMN: pa.StructArray.from_arrays(children, fields=list(self.fields()[0].type))}
 
-    def field_bits(self, topk: TopK) -> dict[str, float]:
+    def field_bits(self, topk: TopK, fine: bool = False) -> dict[str, float]:
         """Ideal code length (bits) of each field group of `topk` under the model encode() would
         store: how the single rANS stream divides between ids, log-probs, gold and tail (the
-        benchmark reports them apart). The stream is within a few bytes per row of the sum."""
-        codes, ids, rank, gold_z, tail_z = self._symbols(topk)
-        model = Model.count(codes, ids, rank, gold_z, tail_z)
-        k = codes.shape[1]
-
-        def bits(freq: np.ndarray, sym: np.ndarray) -> float:
-            return float(-np.log2(freq[sym] / float(1 << SCALE)).sum()) if sym.size else 0.0
-
-        def zig(table: int, z: np.ndarray) -> float:
-            b = _bit_length(z)
-            return bits(model.freq[table], b) + float(np.maximum(b - 1, 0).sum())
-
-        delta = np.diff(codes, axis=1)
-        return {
-            "ids": bits(model.id_freq, np.searchsorted(model.id_values, ids)),
-            "logprobs": bits(model.freq[0], codes[:, 0]) + sum(bits(model.freq[j], delta[:, j - 1]) for j in range(1, k)),
-            "gold": bits(model.freq[k], rank) + zig(k + 1, gold_z[rank == 0]),
-            "tail": zig(k + 2, tail_z),
-        }
+        benchmark reports them apart; `fine`: their parts, e.g. "logprobs.deltas"). The stream is
+        within a few bytes per row of the sum."""
+        _, slots = self._plan(topk)
+        out = {} if fine else dict.fromkeys(("ids", "logprobs", "gold", "tail"), 0.0)
+        for group, freq, scale, used in zip(slots.group, slots.freq, slots.scale, slots.used, strict=True):
+            name = group if fine else group.partition(".")[0]
+            bits = float((scale[used] - np.log2(freq[used].astype(np.float64))).sum()) if used.any() else 0.0
+            out[name] = out.get(name, 0.0) + bits
+        return out
 
     def model_bytes(self, topk: TopK) -> dict[str, int]:
         """Uncompressed bytes of the stored model: the id table and the other tables."""
-        model = Model.count(*self._symbols(topk))
+        model, _ = self._plan(topk)
         ids = varint_encode(np.concatenate([np.diff(model.id_values, prepend=0), model.id_counts]).astype(np.int64))
         return {"ids": int(ids.size), "other": len(model.to_bytes()) - int(ids.size)}
 
@@ -525,6 +740,8 @@ class ZqV2Codec(Codec):
         words = stream.view("<u4").astype(np.uint32) if stream.size else np.zeros(0, np.uint32)
         word_off = s_off // 4
         pos_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        sampled = np.zeros(n, bool)  # positions decoded with a sampled-targets model
+        s_arrays = None  # their exact index, exact code, rest residual, counts
         models = pc.dictionary_encode(arr.field("model"))  # the rows of a shard share one model
         which = models.indices.to_numpy(zero_copy_only=False)
         for m, blob in enumerate(models.dictionary.to_pylist()):
@@ -534,6 +751,9 @@ class ZqV2Codec(Codec):
             model = Model.from_bytes(blob)
             if model.k != k:
                 raise CodecError(f"zq v2: model k={model.k} but caller expects k={k}")
+            if model.sampled and s_arrays is None:
+                s_arrays = (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                            np.zeros((n, k - 1), np.int64))
             cum_off = np.concatenate([[0], np.cumsum([c.size for c in model.cum])]).astype(np.int64)
             cum_flat = np.concatenate(model.cum).astype(np.int64)
             # rows of one model are decoded in runs of consecutive rows (usually one run)
@@ -542,9 +762,15 @@ class ZqV2Codec(Codec):
                 if not run.size:
                     continue
                 r0, r1 = int(run[0]), int(run[-1]) + 1
-                bad_row = _decode_rows(words, word_off[r0 : r1 + 1], lengths[r0:r1], k, cum_flat, cum_off,
-                                       model.id_cum, model.id_values, codes, ids, rank, gold_z, tail_z,
-                                       int(pos_off[r0]))
+                if model.sampled:
+                    sampled[pos_off[r0] : pos_off[r1]] = True
+                    bad_row = _decode_rows_sampled(words, word_off[r0 : r1 + 1], lengths[r0:r1], k, cum_flat,
+                                                   cum_off, model.id_cum, model.id_values, *s_arrays, ids, rank,
+                                                   gold_z, int(pos_off[r0]))
+                else:
+                    bad_row = _decode_rows(words, word_off[r0 : r1 + 1], lengths[r0:r1], k, cum_flat, cum_off,
+                                           model.id_cum, model.id_values, codes, ids, rank, gold_z, tail_z,
+                                           int(pos_off[r0]))
                 if bad_row >= 0:
                     raise CodecError(f"zq v2: row {r0 + bad_row} does not decode (corrupted data)")
 
@@ -556,9 +782,17 @@ class ZqV2Codec(Codec):
         gold = np.where(inside, codes[np.arange(n), np.maximum(rank - 1, 0)], codes[:, -1] + _unzigzag(gold_z))
         t_code = self._tail_codes(_tail_of(lp, pad)) + _unzigzag(tail_z)
         tail = self._tail_values(t_code)
+        gold_lp = self.q.decode(gold)
+        if s_arrays is not None and sampled.any():
+            e, g, rz, counts = (a[sampled] for a in s_arrays)
+            smp = Sampled(self)
+            vals = smp.values(e, g, smp.rest_prediction(g) + _unzigzag(rz), counts)
+            ref = smp.reference_codes(vals)
+            rk = rank[sampled]
+            s_gold = np.where(rk > 0, ref[np.arange(rk.size), np.maximum(rk - 1, 0)], ref[:, -1] + _unzigzag(gold_z[sampled]))
+            lp[sampled], gold_lp[sampled], tail[sampled] = vals, self.q.decode(s_gold), 0.0
         lp[pad] = -np.inf
-        return TopK(np.where(pad, PAD_ID, ids).astype(np.int32), lp, self.q.decode(gold), tail.astype(np.float32),
-                    lengths)
+        return TopK(np.where(pad, PAD_ID, ids).astype(np.int32), lp, gold_lp, tail.astype(np.float32), lengths)
 
 
 __all__ = ["COLUMN", "CHILDREN", "HDR", "MAX_ID", "Model", "ZqV2Codec"]

@@ -271,6 +271,11 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     f = root.sub("fuse") or _Section({}, "fuse")
     fuse_cfg = config_options(f, FuseConfig, {"codec": codec}, keys={"k_out": "top_k"})
     f.done()
+    if fuse_cfg.alm_source:  # a pipeline file names the model; its topk folder is the pipeline's own
+        if fuse_cfg.alm_source not in names:
+            raise UsageError(f"fuse.alm_source: {fuse_cfg.alm_source!r} is not a model of this pipeline "
+                             f"(one of: {', '.join(names)})")
+        fuse_cfg = replace(fuse_cfg, alm_source=str(output / "topk" / fuse_cfg.alm_source))
     if not fuse_cfg.include_target and not sources:
         raise UsageError("fuse.include_target = false needs at least one source in models.sources")
     fuse = FuseJob(target_dir, [j.output for j in align], join(output, "fused"), fuse_cfg, overwrite=overwrite,

@@ -211,13 +211,16 @@ def reproduce_commands(manifest: Manifest, codec_name: str) -> list[str]:
     f = run.get("fuse") or {}
     include_target = f.get("include_target", True)
     sources = list(run.get("candidates") or [])[1 if include_target else 0:]
+    alm = (run.get("alm_source") or {}).get("model")  # fuse --alm-source: that source's own extract
     cmds = [extract(target, shared)] + [extract(s, shared) for s in sources]
+    cmds += [extract(alm, shared)] if alm and alm != target and alm not in sources else []
     cmds += [f"fusedata align --target topk/{_short(target)} --source topk/{_short(s)} --output aligned/{_short(s)}"
              for s in sources]
     cmds.append(f"fusedata fuse --target topk/{_short(target)} "
                 + "".join(f"--aligned aligned/{_short(s)} " for s in sources)
                 + "--output fused " + config_args(FuseConfig, f, flags={"k_out": "--top-k"},
-                                                  negated={"include_target": "--no-target"}))
+                                                  negated={"include_target": "--no-target"})
+                + (f" --alm-source topk/{_short(alm)}" if alm else ""))
     return cmds
 
 
@@ -350,8 +353,9 @@ def dataset_card(folder: Path, manifest: Manifest, repo_id: str, plain: tuple[Pa
         f = run.get("fuse") or {}
         cands = ", ".join(f"{i} = `{c}`" for i, c in enumerate(run.get("candidates") or []))
         lines.append(f"`fusedata fuse`: method **{METHODS.get(f.get('method'), f.get('method'))}**, unit `{f.get('unit')}`, metric "
-                     f"`{f.get('metric')}` (CE per {'byte' if f.get('metric') == 'byte' else 'token'}), temperature "
-                     f"{f.get('temperature')}, target included: {f.get('include_target')}. Candidates: {cands}.")
+                     f"`{f.get('metric')}` (CE per {'byte' if f.get('metric') == 'byte' else 'token'}), "
+                     + (f"temperature {f.get('temperature')}, " if f.get("method") == "avgce" else "")
+                     + f"target included: {f.get('include_target')}. Candidates: {cands}.")
         if "winning_share" in stats:
             share = ", ".join(f"{s:.1%}" for s in stats["winning_share"])
             lines.append(f"Winning share per candidate: {share}; mean weights {stats.get('mean_weights')}.")

@@ -56,6 +56,9 @@ class FuseConfig:
     k_out: int = 0  # 0: the target's k
     codec: str = DEFAULT_CODEC
     include_target: bool = True  # False: fuse the sources only (plain distillation from one source)
+    # a source's topk dataset (a pipeline file names the source instead): also write the ALM chunk
+    # columns against it, for `train --loss alm`. One source: the chunk columns are one set per row.
+    alm_source: str = ""
 
     def __post_init__(self) -> None:
         check_options([
@@ -65,6 +68,15 @@ class FuseConfig:
              f"must be > 0, got {self.temperature}"),
             ("k_out", self.k_out >= 0, "must be >= 0 (0: the target's k)"),
         ])
+
+
+def fuse_identity(config: FuseConfig) -> dict[str, Any]:
+    """The settings that shape a fused dataset: not the AvgCE temperature of a MinCE run (unused),
+    nor where the ALM source lies (its identity is recorded apart, see `_alm_identity`).
+    (Records written before #21 have the temperature for MinCE too: `fusedata.dataset.same_run`
+    still takes them for the same run.)"""
+    skip = {"alm_source"} | ({"temperature"} if config.method == "mince" else set())
+    return {k: v for k, v in config.__dict__.items() if k not in skip}
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -92,7 +104,6 @@ class FuseJob:
     quiet: bool = False
     verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
     log: Any = field(default=print, repr=False)
-    alm_source: str = ""  # a source's topk dataset: write the ALM chunk columns against it
     names: dict[int, str] = field(default_factory=dict, init=False)  # candidate index -> the NAME given
 
     def __post_init__(self) -> None:
@@ -129,9 +140,10 @@ class FuseStage(Stage):
         self.k, self.vocab_size = int(self.target.run["top_k"]), int(self.target.run["vocab_size"])
         self.k_out = job.config.k_out or self.k
         self._check_target_kinds()
-        self.alm = open_dataset(job.alm_source, "topk", verify=job.verify) if job.alm_source else None
+        self.alm_dir = job.config.alm_source
+        self.alm = open_dataset(self.alm_dir, "topk", verify=job.verify) if self.alm_dir else None
         if self.alm is not None:
-            check_same_corpus(self.alm, job.alm_source, self.target, job.target)
+            check_same_corpus(self.alm, self.alm_dir, self.target, job.target)
         self.alm_index: dict[str, list[str]] = {}
         self.codec = get_codec(job.config.codec)
         self.codec.check_k(self.k_out)
@@ -170,7 +182,7 @@ class FuseStage(Stage):
             "sources": [m.run["source"] for m in self.sources],  # model, tokenizer and weights hashes, licence
             "licence": target.get("licence"),
             "candidates": self.candidates,
-            "fuse": self.config.__dict__,
+            "fuse": fuse_identity(self.config),
             "top_k": self.k_out,
             "vocab_size": target["vocab_size"],
             "tokenizer_hash": target["tokenizer_hash"],
@@ -191,12 +203,12 @@ class FuseStage(Stage):
                                "model_hash": run["model_hash"]}, "alm_source_run": run_digest(run)}
 
     def inputs(self) -> list[str]:
-        return [self.job.target, *self.job.aligned] + ([self.job.alm_source] if self.alm is not None else [])
+        return [self.job.target, *self.job.aligned] + ([self.alm_dir] if self.alm is not None else [])
 
     def tasks(self) -> list[Task]:
         if self.alm is not None:  # which ALM source shards hold each document (its windows may span several)
             for s in self.alm.shards:
-                for d in set(read_shard(locate(self.job.alm_source) / s.name, columns=["doc_id"]).column(0).to_pylist()):
+                for d in set(read_shard(locate(self.alm_dir) / s.name, columns=["doc_id"]).column(0).to_pylist()):
                     self.alm_index.setdefault(d, []).append(s.name)
         return [Task(s.name) for s in self.target.shards]
 
@@ -215,7 +227,7 @@ class FuseStage(Stage):
         docs = sorted(set(target.column("doc_id").to_pylist()))
         source = {}
         for name in sorted({n for d in docs for n in self.alm_index.get(d, [])}):
-            table = read_shard(locate(self.job.alm_source) / name)
+            table = read_shard(locate(self.alm_dir) / name)
             table = table.filter(pc.is_in(table.column("doc_id"), pa.array(docs, pa.string())))
             source |= merge_likelihoods(source, document_likelihoods(table, name))
         cols: list[list[np.ndarray]] = [[], [], []]
