@@ -18,7 +18,7 @@ from fusedata.dataset import read_shard
 from fusedata.errors import UsageError
 from fusedata.stages.align import AlignConfig, AlignJob, AlignStage, run_align
 from fusedata.stages.extract import ExtractConfig, ExtractJob, run_extract
-from fusedata.stages.fuse import FuseJob, FuseStage
+from fusedata.stages.fuse import FuseConfig, FuseJob, FuseStage
 from schemas.manifest import MANIFEST_NAME, Manifest
 
 QUIET = {"quiet": True, "log": lambda m: None}
@@ -70,16 +70,16 @@ def test_a_copy_of_the_corpus_aligns_like_the_original(spine, copies, tmp_path):
     assert [s.name for s in manifest.shards] == [s.name for s in want.shards]
     for s in want.shards:  # the same aligned distributions as from the original's extract
         assert read_shard(tmp_path / "aligned" / s.name).equals(read_shard(spine / "aligned/gemma" / s.name))
-    FuseStage(FuseJob(str(spine / "topk/llama"), [], str(tmp_path / "fused"), alm_source=str(copies["same"]),
-                      **QUIET))  # fuse --alm-source accepts the copy too
+    FuseStage(FuseJob(str(spine / "topk/llama"), [], str(tmp_path / "fused"),
+                      FuseConfig(alm_source=str(copies["same"])), **QUIET))  # fuse --alm-source accepts the copy too
 
 
 def test_another_corpus_is_refused_by_align_and_fuse(spine, copies, tmp_path):
     with pytest.raises(UsageError, match=r"different corpora \(their documents differ: corpus_content"):
         AlignStage(_align(spine / "topk/llama", copies["changed"], tmp_path / "aligned", spine))
     with pytest.raises(UsageError, match=r"different corpora \(their documents differ"):
-        FuseStage(FuseJob(str(spine / "topk/llama"), [], str(tmp_path / "fused"), alm_source=str(copies["changed"]),
-                          **QUIET))
+        FuseStage(FuseJob(str(spine / "topk/llama"), [], str(tmp_path / "fused"),
+                          FuseConfig(alm_source=str(copies["changed"])), **QUIET))
     assert not (tmp_path / "aligned").exists() and not (tmp_path / "fused").exists()
 
 
