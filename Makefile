@@ -42,7 +42,7 @@ test: venv
 	$(BIN)/pytest -q
 
 test-fast: venv
-	$(BIN)/pytest -q -m "not real and not ray"
+	$(BIN)/pytest -q -m "not real and not ray and not axolotl"
 
 lint: venv
 	$(BIN)/ruff check .

@@ -87,6 +87,7 @@ json.dump({"loss": float(loss)}, open(out + "/loss.json", "w"))
 """
 
 
+@pytest.mark.axolotl
 def test_axolotl_layout_loads_with_axolotls_kd_collator_and_loss(tiny_llama, tmp_path, request):
     import torch
     from transformers import AutoModelForCausalLM
