@@ -100,8 +100,10 @@ def test_axolotl_layout_loads_with_axolotls_kd_collator_and_loss(tiny_llama, tmp
                     "older than fusedata needs), or set FUSEDATA_AXOLOTL_PYTHON")
     spine = request.getfixturevalue("spine")  # built only once an environment is there
     out = export(spine / "fused", tmp_path / "axolotl", "axolotl")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)} | {"HF_HUB_OFFLINE": "1",
-                                                                               "TRL_EXPERIMENTAL_SILENCE": "1"}
+    # .pyc files may be written into axolotl's environment: without them every run compiles its whole
+    # import stack again (tens of seconds)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run([python, "-c", AXOLOTL_SCRIPT, str(out), str(tiny_llama), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "imported" not in proc.stdout:  # one interpreter start (axolotl imports slowly)
