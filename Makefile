@@ -38,10 +38,11 @@ demo: venv
 test: venv
 	$(MAKE) vllm || echo "vLLM environment unavailable: the vLLM tests will skip"
 	$(MAKE) s3 || echo "moto environment unavailable: the S3 tests will skip"
+	$(MAKE) axolotl || echo "axolotl environment unavailable: the axolotl layout test will skip"
 	$(BIN)/pytest -q
 
 test-fast: venv
-	$(BIN)/pytest -q -m "not real and not ray"
+	$(BIN)/pytest -q -m "not real and not ray and not axolotl"
 
 lint: venv
 	$(BIN)/ruff check .
@@ -64,15 +65,25 @@ vllm: .venv-vllm/bin/vllm
 
 # axolotl (its KD plugin reads `fusedata export --layout axolotl`) pins transformers 5.16, older than
 # fusedata needs: it gets an environment of its own, used only by tests/test_export_trainers.py to load
-# the exported data with axolotl's own collator (or FUSEDATA_AXOLOTL_PYTHON). Not part of `make test`:
-# its 232 packages did not finish installing in an hour here, past what CI allows; run `make axolotl` first.
-axolotl: .venv-axolotl/bin/axolotl
+# the exported data with axolotl's own collator and KD trainer loss (or FUSEDATA_AXOLOTL_PYTHON).
+# axolotl 0.19 declares ~230 packages (gradio, lm_eval, bitsandbytes, xformers, ...; pip had not resolved
+# and fetched them after an hour); its KD collator, trainer and loss import only these (found by
+# importing them), so axolotl goes in with --no-deps beside them, through uv (parallel downloads; about
+# 2 minutes with a cold cache here). uv reads no pip.conf: the find-links that hold the CPU torch wheel
+# are passed on from pip's config.
+AXOLOTL_PKGS := torch==2.13.0 transformers==5.16.1 tokenizers==0.23.1 huggingface_hub==1.17.0 datasets==4.8.4 \
+	peft==0.20.0 accelerate==1.13.0 trl==1.9.0 pydantic==2.12.5 addict==2.4.0 liger-kernel==0.8.1 numba==0.68.1
+AXOLOTL_UV := .venv-axolotl/bin/uv pip install -q --python .venv-axolotl/bin/python
 
-.venv-axolotl/bin/axolotl:
+axolotl: .venv-axolotl/.kd-installed
+
+.venv-axolotl/.kd-installed:
 	test -x .venv-axolotl/bin/python || $(PYTHON) -m venv .venv-axolotl
-	.venv-axolotl/bin/pip install -q --disable-pip-version-check torch==2.13.0
-	.venv-axolotl/bin/pip install -q --disable-pip-version-check axolotl==0.19.0
-	.venv-axolotl/bin/pip uninstall -y torchvision torchaudio torchcodec
+	.venv-axolotl/bin/pip install -q --disable-pip-version-check uv==0.13.9
+	links="$$(.venv-axolotl/bin/pip config get global.find-links 2>/dev/null)"; \
+		$(AXOLOTL_UV) $${links:+--find-links $$links} $(AXOLOTL_PKGS)
+	$(AXOLOTL_UV) --no-deps axolotl==0.19.0
+	touch $@
 
 # The S3 server the storage tests start (moto's server mode on loopback) lives in its own environment:
 # moto[server] pins python-dateutil < 3, older than what the main environment holds.

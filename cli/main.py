@@ -155,7 +155,7 @@ def demo_corpus(output, per_domain, max_chars, skip):
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG charts into this folder.")
 @verify_option
 def inspect_cmd(path, as_json, plot_dir, verify):
-    """Summarise any fusedata dataset folder (topk, aligned, fused) or an explore folder."""
+    """Summarise any fusedata dataset folder (topk, aligned, fused, or an export of one) or an explore folder."""
     import functools
     import json
 

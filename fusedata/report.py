@@ -1,4 +1,8 @@
-"""`fusedata inspect`: what is in any fusedata dataset folder, for people and for machines."""
+"""`fusedata inspect`: what is in any fusedata dataset folder, for people and for machines.
+
+A dataset in the codec (topk, aligned, fused) is summarised from its codec columns; an export
+(`fusedata export --layout plain|axolotl|trl`) holds no codec, so it is summarised from its manifest
+and run record: the layout, the source it was made from (kind and run digest) and the sizes of both."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 from fusedata.codec import codec_from_schema, decode_topk
 from fusedata.dataset import open_dataset, read_shard, shard_metadata
 from fusedata.errors import UsageError
+from fusedata.interop.plain import topk_from_columns
 from fusedata.storage import Location, locate
 from schemas.common import k_of
 
@@ -28,6 +33,13 @@ def column_bytes(folder: Location, shard_names: list[str]) -> dict[str, int]:
     return dict(sizes)
 
 
+def _layout_of(kind: str) -> str | None:
+    """The `--layout` name of an export's manifest kind (None for a dataset in the codec)."""
+    from fusedata.interop.layouts import LAYOUTS
+
+    return next((name for name, lay in LAYOUTS.items() if lay.kind == kind), None)
+
+
 def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     folder = locate(path)
     manifest = open_dataset(folder, verify=verify)
@@ -37,6 +49,9 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
         k = k_of(schema) if schema is not None else None
     except ValueError as exc:
         raise UsageError(f"{folder / names[0]}: {exc}") from None
+    layout = _layout_of(manifest.kind)
+    if layout is not None:
+        return _summarize_export(folder, manifest, names, k, layout)
     codec = codec_from_schema(schema, str(folder)) if schema is not None else None
     codec_cols = {f.name for f in codec.fields()} if codec else set()
     sizes = column_bytes(folder, names)
@@ -64,8 +79,65 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     }
 
 
+def _summarize_export(folder: Location, manifest: Any, names: list[str], k: int | None,
+                      layout: str) -> dict[str, Any]:
+    """An export's summary: what `summarize` gives a codec dataset, with the layout and its source
+    (kind, run digest, model and size) in place of the codec."""
+    sizes = column_bytes(folder, names)
+    stats, run = manifest.stats, manifest.run
+    positions = int(stats.get("positions") or max(manifest.tokens - manifest.rows, 0))
+    from fusedata.interop.layouts import LAYOUTS
+
+    topk_bytes = sum(v for c, v in sizes.items() if c in LAYOUTS[layout].topk_columns)
+    total = sum(s.bytes for s in manifest.shards)
+    source_run = run.get("source_run") or {}
+    return {
+        "path": str(folder),
+        "kind": manifest.kind,
+        "layout": layout,
+        "rows": manifest.rows,
+        "tokens": manifest.tokens,
+        "positions": positions,
+        "k": k,
+        "codec": None,
+        "shards": len(names),
+        "total_bytes": total,
+        "bytes_per_token": total / max(positions, 1),
+        "topk_bytes": topk_bytes,
+        "topk_bytes_per_token": topk_bytes / max(positions, 1),
+        "column_bytes": sizes,
+        "source": {"kind": run.get("of") or stats.get("of"), "digest": run.get("source_digest"),
+                   "shards": len(run.get("source_shards") or []), "bytes": stats.get("source_bytes"),
+                   "bytes_per_token": stats.get("source_bytes_per_token")},
+        "model": source_run.get("model") or (source_run.get("source") or {}).get("model"),
+        "method": (source_run.get("fuse") or {}).get("method"),
+        "stats": stats.get("source_stats", {}),
+        "fusedata_version": manifest.fusedata_version,
+    }
+
+
+def _render_export(summary: dict[str, Any]) -> str:
+    src = summary["source"]
+    digest = (src["digest"] or "?")[:16]
+    lines = [
+        f"{summary['path']}: {summary['layout']} export of a {src['kind']} dataset ({summary['model']})",
+        f"  rows {summary['rows']:,}   positions {summary['positions']:,}   shards {summary['shards']}   "
+        f"k {summary['k']}",
+        f"  source run {digest}…, {src['shards']} shard(s), {src['bytes_per_token']:.2f} bytes/token"
+        if src["bytes_per_token"] is not None else f"  source run {digest}…",
+        f"  size {summary['total_bytes'] / 1e6:.2f} MB   {summary['bytes_per_token']:.2f} bytes/token "
+        f"(top-k columns {summary['topk_bytes_per_token']:.2f})",
+    ]
+    biggest = sorted(summary["column_bytes"].items(), key=lambda kv: -kv[1])[:6]
+    per_tok = ", ".join(f"{c} {v / max(summary['positions'], 1):.2f}" for c, v in biggest)
+    lines.append(f"  bytes/token by column: {per_tok}")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, Any]) -> str:
     """A short human report."""
+    if summary.get("layout"):
+        return _render_export(summary)
     # an aligned dataset stores no token ids of its own: its size is the target positions it covers
     tokens = f"tokens {summary['tokens']:,}   " if summary["kind"] != "aligned" else ""
     lines = [
@@ -118,20 +190,22 @@ def plot(path: str | Path, out_dir: str | Path, verify: bool = True) -> list[Pat
     save(fig, "bytes_per_token.png")
 
     entropies, ces = [], []
-    for shard in manifest.shards:
+    layout = summary.get("layout")
+    for shard in manifest.shards if layout in (None, "plain") else []:  # trainer layouts: sizes only
         table = read_shard(folder / shard.name)
-        topk = decode_topk(table, shard.name)
+        topk = decode_topk(table, shard.name) if layout is None else topk_from_columns(table, summary["k"], shard.name)
         p = np.exp(topk.logprobs.astype(np.float64))  # [N, k]
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
         entropies.append(ent)
         ces.append(-topk.gold_logprob.astype(np.float64))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].hist(np.concatenate(entropies), bins=50, color="#55a868")
-    axes[0].set_title("entropy of the top-k (nats)")
-    axes[1].hist(np.concatenate(ces), bins=50, color="#c44e52")
-    axes[1].set_title("cross-entropy of the gold token (nats)")
-    save(fig, "entropy_ce.png")
+    if entropies:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].hist(np.concatenate(entropies), bins=50, color="#55a868")
+        axes[0].set_title("entropy of the top-k (nats)")
+        axes[1].hist(np.concatenate(ces), bins=50, color="#c44e52")
+        axes[1].set_title("cross-entropy of the gold token (nats)")
+        save(fig, "entropy_ce.png")
 
     stats = summary["stats"]
     if summary["kind"] == "fused" and "candidates" in stats:

@@ -192,3 +192,29 @@ def test_import_foreign_plain_dataset(spine, exported, tiny_llama, tmp_path):
     gold = written.column("gold_logprob").to_pylist()
     np.testing.assert_allclose(pq.read_table(out).column("ce").to_numpy(), [-np.mean(g) for g in gold], rtol=1e-5)
     assert (out / MANIFEST_NAME).is_file()
+
+
+@pytest.mark.parametrize("layout", ["plain", "axolotl", "trl"])
+def test_inspect_summarises_an_export(spine, exported, tmp_path, layout):
+    from fusedata.dataset import run_digest
+    from fusedata.report import plot, summarize
+
+    src = open_dataset(spine / "fused")
+    if layout == "plain":
+        out = exported["fused"][0]
+    else:
+        out = tmp_path / layout
+        assert cli("export", str(spine / "fused"), "--output", str(out), "--layout", layout, "--quiet").exit_code == 0
+    r = cli("inspect", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    positions = sum(len(x) - 1 for x in pq.read_table(spine / "fused").column("input_ids").to_pylist())
+    assert (s["layout"], s["rows"], s["positions"], s["k"]) == (layout, src.rows, positions, 5)
+    assert s["source"]["kind"] == "fused" and s["source"]["digest"] == run_digest(src.run)
+    assert s["total_bytes"] == sum(p.stat().st_size for p in out.glob("*.parquet"))
+    assert (s["topk_bytes"] > 0) == (layout != "trl")
+    text = cli("inspect", str(out)).output
+    assert f"{layout} export of a fused dataset" in text and s["source"]["digest"][:16] in text
+    charts = {p.name for p in plot(out, tmp_path / f"plots-{layout}")}
+    assert charts == ({"bytes_per_token.png", "entropy_ce.png"} if layout == "plain" else {"bytes_per_token.png"})
+    assert summarize(out)["bytes_per_token"] == pytest.approx(s["total_bytes"] / positions)

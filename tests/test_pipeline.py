@@ -244,3 +244,42 @@ def test_plan_measured_rate(tiny_llama, corpus_file, tmp_path):
 def test_fuse_temperature_must_be_positive(tmp_path, value):
     with pytest.raises(UsageError, match=r"fuse\.temperature: must be > 0"):
         load_pipeline(_write(tmp_path, MINIMAL + f'[fuse]\nmethod = "avgce"\ntemperature = {value}\n'))
+
+
+def test_export_section_writes_each_layout_after_fuse(pipeline_run, tmp_path):
+    path, out, _, _ = pipeline_run
+    text = path.read_text() + '\n[[export]]\nlayout = "plain"\n\n[[export]]\nlayout = "axolotl"\n'
+    logs: list[str] = []
+    results = run_pipeline(_write(tmp_path, text), log=logs.append)
+    status = {r.step: r.status for r in results}
+    assert [r.step for r in results][3:6] == ["fuse", "export plain", "export axolotl"]
+    assert status["export plain"] == status["export axolotl"] == "ran"
+    assert all(v == "skipped" for k, v in status.items() if not k.startswith("export"))
+    fused = Manifest.read(out / "fused")
+    for layout, kind in (("plain", "plain"), ("axolotl", "axolotl-kd")):
+        m = Manifest.read(out / f"fused-{layout}")
+        assert m.kind == kind and m.rows == fused.rows and m.run["layout"] == layout
+    again = run_pipeline(_write(tmp_path, text), log=lambda m: None)
+    assert {r.status for r in again} == {"skipped"}
+    plan = plan_pipeline(_write(tmp_path, text))
+    assert [s["done"] for s in plan["stages"] if s["stage"].startswith("export")] == [True, True]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[export]\nlayout = "csv"\n', "export.layout: must be one of"),
+    ('[export]\nlayout = 3\n', "export.layout: expected str"),
+    ('[export]\nlayuot = "plain"\n', "export.layuot: unknown key"),
+    ('[[export]]\nlayout = "plain"\n[[export]]\nlayout = "plain"\n', r"export\[1\]\.output: .* already written"),
+])
+def test_export_section_validation(tmp_path, extra, message):
+    with pytest.raises(UsageError, match=message):
+        load_pipeline(_write(tmp_path, MINIMAL + extra))
+
+
+def test_export_section_defaults(tmp_path):
+    pipe = load_pipeline(_write(tmp_path, MINIMAL + '[export]\nlayout = "trl"\noutput = "elsewhere"\n'))
+    (job,) = pipe.export
+    assert (job.source, job.output, job.config.layout) == (str(Path("out") / "fused"), "elsewhere", "trl")
+    assert load_pipeline(_write(tmp_path, MINIMAL)).export == []
+    (job,) = load_pipeline(_write(tmp_path, MINIMAL + "[export]\n")).export
+    assert (job.config.layout, job.output) == ("plain", str(Path("out") / "fused-plain"))

@@ -32,6 +32,7 @@ from fusedata.errors import OptionError, UsageError, check_options, field_choice
 from fusedata.interop import layouts
 from fusedata.interop.plain import topk_from_columns
 from fusedata.stages.base import Stage, Task, run_stage
+from fusedata.storage import is_uri
 from schemas import plain
 from schemas.aligned import aligned_schema
 from schemas.common import k_of
@@ -76,6 +77,9 @@ class ExportStage(Stage):
 
     def __init__(self, job: ExportJob) -> None:
         self.job, self.output = job, job.output
+        if is_uri(job.source):  # its readers take local paths (the output may be a URI)
+            raise UsageError(f"{job.source}: export reads a dataset on local disk only; copy it to a local "
+                             "folder first")
         self.layout = layouts.LAYOUTS[job.config.layout]
         self.source = open_dataset(job.source, verify=job.verify)
         if self.source.kind not in plain.KINDS:

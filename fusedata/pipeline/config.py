@@ -3,15 +3,15 @@
 The TOML file names the corpus, the target and source models, k and codec, and the settings of
 align, fuse, train and eval. It is parsed into the very job dataclasses the single-stage commands
 build (`ExtractJob`, `AlignJob`, `FuseJob`, `TrainConfig`), so a pipeline run and the equivalent
-sequence of commands produce the same folders. The `[extract]`, `[align]`, `[fuse]` and `[train]`
-sections are read from the fields of those config dataclasses (`config_options`): every key is
+sequence of commands produce the same folders. The `[extract]`, `[align]`, `[fuse]`, `[export]` and
+`[train]` sections are read from the fields of those config dataclasses (`config_options`): every key is
 type-checked against its field and checked once, by the dataclass's `__post_init__`, so a typo or a
 bad value fails at once with the key's name instead of hours into a run.
 
 Layout of a pipeline's outputs (all under `[pipeline] output`, a local folder or a URI such as
 `s3://bucket/run`, joined with `fusedata.storage.join`): `corpus.jsonl` (demo corpus only),
-`topk/<model>/`, `aligned/<source>/`, `fused/`, `plots/`, `ckpt/`, `heldout.jsonl` (demo held-out
-only), `eval.json`.
+`topk/<model>/`, `aligned/<source>/`, `fused/`, `fused-<layout>/` (each `[export]`), `plots/`, `ckpt/`,
+`heldout.jsonl` (demo held-out only), `eval.json`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 from fusedata.codec import DEFAULT_CODEC
 from fusedata.errors import OptionError, UsageError
+from fusedata.interop.export import ExportConfig, ExportJob
 from fusedata.stages.align import AlignConfig, AlignJob
 from fusedata.stages.extract import ExtractConfig, ExtractJob
 from fusedata.stages.fuse import FuseConfig, FuseJob
@@ -154,6 +155,7 @@ class Pipeline:
     extract: list[ExtractJob]  # target first
     align: list[AlignJob]
     fuse: FuseJob
+    export: list[ExportJob]  # the fused dataset in other layouts ([export] or [[export]])
     plots: str | None
     train: TrainConfig | None
     demo_heldout: dict[str, int] | None
@@ -189,6 +191,28 @@ def _demo(sec: _Section | None, defaults: dict[str, int]) -> dict[str, int] | No
     }
     sec.done()
     return out
+
+
+def _exports(root: _Section, fused: str, output: Path | str, overwrite: bool, quiet: bool,
+             log: Callable[[str], None]) -> list[ExportJob]:
+    """`[export]` (one layout) or `[[export]]` (several): the fused dataset written in each layout,
+    to `output` (default `<pipeline output>/fused-<layout>`); the keys are ExportConfig's fields."""
+    if not root.has("export"):
+        return []
+    root.used.add("export")
+    raw = root.data["export"]
+    tables = raw if isinstance(raw, list) else [raw]
+    jobs: list[ExportJob] = []
+    for i, table in enumerate(tables):
+        sec = _Section(table, f"export[{i}]" if isinstance(raw, list) else "export")
+        cfg = config_options(sec, ExportConfig, {})
+        out = sec.get("output", str, join(output, f"fused-{cfg.layout}"))
+        sec.done()
+        if out in [j.output for j in jobs] or out == fused:
+            raise UsageError(f"{sec.key('output')}: {out} is already written by another step; give each export "
+                             "its own output")
+        jobs.append(ExportJob(fused, out, cfg, overwrite=overwrite, quiet=quiet, log=log))
+    return jobs
 
 
 def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipeline:
@@ -275,11 +299,13 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
         if fuse_cfg.alm_source not in names:
             raise UsageError(f"fuse.alm_source: {fuse_cfg.alm_source!r} is not a model of this pipeline "
                              f"(one of: {', '.join(names)})")
-        fuse_cfg = replace(fuse_cfg, alm_source=str(output / "topk" / fuse_cfg.alm_source))
+        fuse_cfg = replace(fuse_cfg, alm_source=join(output, "topk", fuse_cfg.alm_source))
     if not fuse_cfg.include_target and not sources:
         raise UsageError("fuse.include_target = false needs at least one source in models.sources")
     fuse = FuseJob(target_dir, [j.output for j in align], join(output, "fused"), fuse_cfg, overwrite=overwrite,
                    quiet=quiet, log=log)
+
+    export = _exports(root, fuse.output, output, overwrite, quiet, log)
 
     ins = root.sub("inspect")
     plots = None
@@ -314,4 +340,4 @@ def load_pipeline(path: str | Path, log: Callable[[str], None] = print) -> Pipel
     root.done()
     return Pipeline(path=path, output=output, executor=executor, address=address, workers=workers, verify=verify,
                     target=target, sources=sources, demo_corpus=demo_corpus, corpus_inputs=inputs, extract=extract,
-                    align=align, fuse=fuse, plots=plots, train=train, demo_heldout=demo_heldout, eval=evaluation)
+                    align=align, fuse=fuse, export=export, plots=plots, train=train, demo_heldout=demo_heldout, eval=evaluation)

@@ -29,6 +29,10 @@ TRAIN_COST = 2.2  # a training step (forward + backward) costs ~this many extrac
 ALIGN_POSITIONS_PER_S = 200_000.0  # byte matching + projection, per core
 DTW_POSITIONS_PER_S = 100_000.0
 FUSE_POSITIONS_PER_S = 300_000.0
+EXPORT_POSITIONS_PER_S = 10_000.0  # decode + lists, per core: 43k positions took 2.6 s (plain), 9 s (axolotl) at load 13
+# an export's size relative to the fused dataset in zq (README, fused MinCE at k = 10: zq 27.8, plain
+# 32.5, axolotl 70.7 (renormalised float32 log-probs compress badly), trl 2.2 bytes/position)
+EXPORT_SIZE = {"plain": 1.17, "axolotl": 2.54, "trl": 0.08}
 
 
 def bytes_per_position(codec: str, k: int) -> float:
@@ -178,6 +182,13 @@ def plan_pipeline(path: str | Path | Pipeline, sample_docs: int = 64, measure: b
                    "disk_bytes": 0 if done else round(target_positions * (bytes_per_position(codec, k_out) + 2.0)),
                    "seconds": 0.0 if done else target_positions / (FUSE_POSITIONS_PER_S * parallel) + n_shards * 0.05,
                    "done": done})
+    for xjob in pipe.export:
+        done = (Path(xjob.output) / MANIFEST_NAME).is_file()
+        disk = target_positions * bytes_per_position(codec, k_out) * EXPORT_SIZE.get(xjob.config.layout, 2.5)
+        stages.append({"stage": f"export {xjob.config.layout}", "output": xjob.output,
+                       "tokens": round(target_positions), "disk_bytes": 0 if done else round(disk),
+                       "seconds": 0.0 if done else target_positions / (EXPORT_POSITIONS_PER_S * parallel),
+                       "done": done})
     if pipe.train:
         cfg = pipe.train
         steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * target_positions / cfg.batch_tokens / cfg.grad_accum))

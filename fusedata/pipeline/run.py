@@ -1,6 +1,6 @@
 """`fusedata run`: every step of a pipeline file in order, each skipped when already done.
 
-The dataset stages (extract, align, fuse) run through `run_stage`, which says whether it skipped,
+The dataset stages (extract, align, fuse, export) run through `run_stage`, which says whether it skipped,
 resumed or ran. Before a finished dataset is trusted, its shards are checked against the sha256 in
 its manifest (`verify_dataset`): a damaged shard is deleted together with the manifest and the stage
 reruns, recomputing only that shard. The other steps (demo files, plots, train, eval) each have an
@@ -212,6 +212,7 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
     """Run every stage of the pipeline in order, skipping finished ones and recomputing shards
     that fail their checksum. `executor` runs the dataset stages (default: one local process);
     the CLI builds a Ray one from `[pipeline] executor/address/workers`."""
+    from fusedata.interop.export import ExportStage
     from fusedata.stages import AlignStage, ExtractStage, FuseStage, LocalExecutor, run_stage
 
     pipe = path if isinstance(path, Pipeline) else load_pipeline(path, log)
@@ -220,7 +221,7 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
     if not check:  # the readers of each stage's inputs skip their checks too
         pipe = replace(
             pipe, align=[replace(j, verify=False) for j in pipe.align],
-            fuse=replace(pipe.fuse, verify=False),
+            fuse=replace(pipe.fuse, verify=False), export=[replace(j, verify=False) for j in pipe.export],
             train=pipe.train and replace(pipe.train, verify=False))
     results: list[StepResult] = []
 
@@ -254,6 +255,8 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
     for job, mdl in zip(pipe.align, pipe.sources, strict=True):
         dataset_step(f"align {mdl.name}", job, lambda job=job: AlignStage(job))
     dataset_step("fuse", pipe.fuse, lambda: FuseStage(pipe.fuse))
+    for job in pipe.export:
+        dataset_step(f"export {job.config.layout}", job, lambda job=job: ExportStage(job))
     if pipe.plots:
         step("inspect", pipe.plots, PlotStep(pipe.fuse.output, pipe.plots))
     if pipe.train:
