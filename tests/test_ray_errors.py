@@ -76,3 +76,21 @@ def test_an_oserror_writing_a_shard_names_it(local_ray, tiny_llama, corpus_file,
     assert status == 1
     assert line.startswith(f"error: {out / 'shard-00001.parquet'}: IsADirectoryError: [Errno 21] Is a directory")
     assert line.endswith("(`fusedata --debug ...` prints the traceback)")
+
+
+def test_a_plain_actors_error_is_unwrapped(local_ray):
+    """explore's model pool calls plain actors: their exception comes back as itself."""
+    from jobs.worker_errors import TRACEBACK_NOTE, worker_error
+
+    @ray.remote(num_cpus=0)
+    class Failing:
+        def call(self) -> None:
+            raise PermissionError(13, "Permission denied", "/models/x")
+
+    actor = Failing.remote()
+    with pytest.raises(ray.exceptions.RayTaskError) as wrapped:
+        ray.get(actor.call.remote())
+    exc = worker_error(wrapped.value)
+    assert type(exc) is PermissionError and str(exc) == "[Errno 13] Permission denied: '/models/x'"
+    assert any(n.startswith(TRACEBACK_NOTE) and "PermissionError" in n for n in exc.__notes__)
+    ray.kill(actor)
