@@ -13,31 +13,46 @@ from fusedata.errors import UsageError
 
 
 class _Group(click.Group):
-    """Turns library errors into one clear line and a non-zero exit instead of a traceback."""
+    """Turns library errors into one clear line and a non-zero exit instead of a traceback: status 2
+    for bad input, 1 for any other failure (`--debug` prints its traceback too)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from fusedata.codec import CodecError
-        from fusedata.errors import OptionError
+        from fusedata.errors import OptionError, failure_line
 
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
         except OptionError as exc:
-            click.echo(f"error: {exc.named('--')}", err=True)
-            sys.exit(2)
+            _fail(f"error: {exc.named('--')}", exc, debug, 2)
         except (UsageError, CodecError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(f"error: {exc}", exc, debug, 2)
         except click.BadParameter as exc:  # a bad value (not a missing option): one line, like ours
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
             sys.exit(130)
+        except Exception as exc:  # not bad input: a model that raises, a disk that fails, a bug
+            hint = "" if debug else " (`fusedata --debug ...` prints the traceback)"
+            _fail(f"error: {failure_line(exc)}{hint}", exc, debug, 1)
+
+
+def _fail(line: str, exc: BaseException, debug: bool, status: int) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(line, err=True)
+    sys.exit(status)
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="fusedata")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an error, print its traceback (a Ray worker's too) before the error line.")
+def main(debug: bool) -> None:
     """fusedata: build fusion datasets from several LLMs (extract, align, fuse, train; explore, publish)."""
 
 

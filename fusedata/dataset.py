@@ -6,7 +6,9 @@ Conventions shared by every stage (after datatrove's completion markers):
   always complete and is never recomputed;
 - `_run.json`, written when a run starts, holds the run's identity; a folder holding another
   run's identity is refused unless the caller asks to overwrite;
-- `_manifest.json` is written last (also atomically) and lists every shard with its sha256.
+- `_manifest.json` is written last (also atomically) and lists every shard with its sha256;
+- `_lock.json` exists while a run writes the folder (`writing()`, fusedata/writer_lock.py): one
+  writer at a time.
 
 A folder is a local path or a URI (s3://, gs://, …): every file operation goes through
 `fusedata.storage.Location`, one code path for both.
@@ -19,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +31,9 @@ import pyarrow.parquet as pq
 import fusedata
 from fusedata.errors import UsageError
 from fusedata.storage import Location, PathLike, locate
+from fusedata.writer_lock import WriterLock, is_lock_file
 from schemas.common import without_descriptions
+from schemas.lock import LOCK_NAME
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from schemas.topk import INPUT_KEY
 
@@ -185,6 +190,11 @@ class DatasetDir:
                 dropped.append(name)
         return kept, dropped
 
+    def writing(self, what: str, log: Callable[[str], None] = print) -> WriterLock:
+        """The folder's writer lock for a run of `what` (a context manager): every run holds it
+        from before its first write here to its end, so no two runs write the folder at once."""
+        return WriterLock(self.path, what, log)
+
     def is_complete(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
 
@@ -207,7 +217,7 @@ class DatasetDir:
 
     def own_files(self) -> list[Location]:
         """What fusedata wrote here: the shards the manifest lists, shards and temporary files of an
-        unfinished run (by their names), the manifest and the run record. Nothing else."""
+        unfinished run (by their names), the manifest, the run record and the writer lock. Nothing else."""
         listed: set[str] = set()
         if (self.path / MANIFEST_NAME).is_file():
             try:
@@ -216,14 +226,16 @@ class DatasetDir:
                 pass
         found = [p for p in self.path.files() if (
             p.name in listed or SHARD_RE.fullmatch(p.name) or TMP_RE.fullmatch(p.name)
-            or p.name in (MANIFEST_NAME, RUN_NAME))]
+            or p.name in (MANIFEST_NAME, RUN_NAME, LOCK_NAME))]
         return sorted(found)
 
     def remove_own(self, owned: tuple[str, ...] = ()) -> None:
         """Delete what fusedata wrote here (`own_files`), plus the `owned` names the caller wrote
-        (files, or sub-folders that are datasets themselves); the folder and anything else stay."""
+        (files, or sub-folders that are datasets themselves); the folder and anything else stay, and
+        so does the writer lock (only the run holding it removes it)."""
         for p in self.own_files():
-            p.unlink(missing_ok=True)
+            if not is_lock_file(p.name):
+                p.unlink(missing_ok=True)
         for name in owned:
             p = self.path / name
             if p.is_dir():
@@ -239,7 +251,7 @@ class DatasetDir:
         that `run` replaces."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"output {self.path} exists and is not a folder")
-        if not self.path.is_dir() or not any(p.name != STAGING_NAME for p in self.path.iterdir()):
+        if not self.path.is_dir() or not any(p.name != STAGING_NAME and not is_lock_file(p.name) for p in self.path.iterdir()):
             return False
         previous = self.recorded_run()
         if previous is None:  # never delete a folder fusedata did not write, --overwrite or not
@@ -265,7 +277,7 @@ class DatasetDir:
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))  # same run, model found elsewhere
         self.path.mkdir()
         for stale in self.path.files():  # partial files of a killed run of this same run
-            if TMP_RE.fullmatch(stale.name):
+            if TMP_RE.fullmatch(stale.name) and not is_lock_file(stale.name):
                 stale.unlink(missing_ok=True)
         if not run_file.is_file():
             atomic_write_text(run_file, json.dumps(run, indent=2, sort_keys=True))
@@ -291,7 +303,7 @@ class DatasetDir:
         manifest_text = (staged.path / MANIFEST_NAME).read_text(encoding="utf-8")
         (self.path / MANIFEST_NAME).unlink(missing_ok=True)
         for p in self.own_files():
-            if p.name != RUN_NAME:
+            if p.name != RUN_NAME and not is_lock_file(p.name):
                 p.unlink()
         (staged.path / RUN_NAME).replace(self.path / RUN_NAME)
         for p in staged.own_files():

@@ -39,3 +39,31 @@ def field_choices(config: object) -> list[tuple[str, bool, str]]:
 def choice(name: str, value: object, choices: tuple) -> tuple[str, bool, str]:
     """The check that `value` is one of `choices`, with the message every entry point shows."""
     return (name, value in choices, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+# A failure that is not bad input (a model that raises, a disk that fails, a bug) keeps its own type,
+# so Python callers can catch it; it carries the shard it happened in as a note, which survives the
+# pickling that brings it back from a Ray worker, and the CLI prints it as one line (`failure_line`).
+SHARD_NOTE = "while computing "
+
+
+def note_shard(exc: BaseException, shard: str) -> None:
+    """Record on `exc` the shard it was raised for (once: the innermost place wins)."""
+    if shard_of(exc) is None:
+        exc.add_note(SHARD_NOTE + shard)
+
+
+def shard_of(exc: BaseException) -> str | None:
+    """The shard `note_shard` recorded on `exc`, or None."""
+    for note in getattr(exc, "__notes__", ()):
+        if isinstance(note, str) and note.startswith(SHARD_NOTE):
+            return note[len(SHARD_NOTE):]
+    return None
+
+
+def failure_line(exc: BaseException) -> str:
+    """A failure in one line: the shard it happened in, its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    shard = shard_of(exc)
+    return f"{shard}: {what}" if shard else what

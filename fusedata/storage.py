@@ -216,6 +216,12 @@ class Location:
         with self._remote_errors():
             self.fs.create_dir(self.path, recursive=True)
 
+    def write_bytes(self, data: bytes) -> None:
+        """Write the file in one go under its own name (one PUT on an object store, which shows
+        the object whole or not at all; on a local disk a reader may see it half-written)."""
+        with self._remote_errors(), self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
     def write_atomic(self, write: Any) -> None:
         """Call `write(tmp)` to write a temporary file beside this one, then move it into place; an
         interrupted write leaves no file under this name, and its temporary one is removed."""

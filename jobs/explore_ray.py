@@ -14,6 +14,7 @@ import ray
 
 from fusedata.explore.pool import Call
 from jobs.ray_executor import init_ray
+from jobs.worker_errors import worker_error
 
 
 @ray.remote
@@ -21,9 +22,17 @@ class _ModelActor:
     def __init__(self, spec: str, backend: str, device: str, batch_size: int, threads: int) -> None:
         from fusedata.explore.textmodel import load_text_model
 
-        self.model = load_text_model(spec, backend, device, batch_size, threads)
+        self.model, self.load_error = None, None
+        try:  # raised by the first call: Ray keeps only the text of an actor's __init__ error
+            self.model = load_text_model(spec, backend, device, batch_size, threads)
+        except Exception as exc:
+            self.load_error = exc
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if self.load_error is not None:
+            if method == "close":
+                return None
+            raise self.load_error
         return getattr(self.model, method)(*args)
 
 
@@ -44,8 +53,8 @@ class RayPool:
         refs = [self.actors[spec].call.remote(method, args) for spec, method, args in calls]
         try:
             return ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:  # the actor's own error, not Ray's wrapper
-            raise exc.as_instanceof_cause() from None
+        except ray.exceptions.RayError as exc:  # the actor's own error, not Ray's wrapper
+            raise worker_error(exc) from None
 
     def close(self) -> None:
         for actor in self.actors.values():

@@ -30,6 +30,7 @@ from fusedata.errors import UsageError
 from fusedata.stages.base import Resources, ShardResult, Stage, Task, process_or_report
 from fusedata.storage import Location
 from jobs.embedded_ray import LOOPBACK, start_local_ray
+from jobs.worker_errors import pack, unpack
 
 REPORT_EVERY_S = 0.5  # how often a worker sends its token count, and the driver reads the total
 
@@ -51,7 +52,13 @@ class ProgressCounter:
 class _ShardWorker:
     def __init__(self, stage: Stage, out_path: Location, counter: Any) -> None:
         self.stage = stage
-        self.stage.setup()
+        # a failure to start (a model that does not load) is reported by each task instead: Ray
+        # keeps only the text of an actor's __init__ error
+        self.setup_error: Exception | None = None
+        try:
+            self.stage.setup()
+        except Exception as exc:
+            self.setup_error = exc
         self.out = DatasetDir(out_path)
         self.counter = counter
         self.pending, self.sent_at = 0, time.monotonic()
@@ -71,12 +78,19 @@ class _ShardWorker:
         for name, source, rows in zip(batch.column("name").to_pylist(), batch.column("source").to_pylist(),
                                       batch.column("rows").to_pylist(), strict=True):
             task = Task(name, pickle.loads(source) if source is not None else None, rows)
-            results.append(process_or_report(self.stage, task, self.out, self._tokens).__dict__)
+            try:  # never raise: Ray Data would bring back only its own text (jobs/worker_errors.py)
+                if self.setup_error is not None:
+                    raise self.setup_error
+                row = {**process_or_report(self.stage, task, self.out, self._tokens).__dict__, "failure": None}
+            except Exception as exc:
+                row = {**ShardResult(name, 0, 0, 0, 0.0).__dict__, "failure": pack(exc)}
+            results.append(row)
             self._flush()
         return pa.Table.from_pylist(results)
 
     def __del__(self) -> None:  # Ray Data has no actor teardown hook: stop engines when the actor goes
-        self.stage.teardown()
+        if self.setup_error is None:
+            self.stage.teardown()
 
 
 def _bind_worker(stage: Stage, out_path: Location, counter: Any) -> type:
@@ -116,7 +130,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, log: Callable[[st
     else:
         start_local_ray(num_cpus)
         log(f"ray: started an embedded local Ray on {LOOPBACK} ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # not even errors: a failed shard comes back as its own exception, which the command reports
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -182,12 +197,17 @@ class RayExecutor:
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
+        rows = iter(results.iter_rows())
         try:
-            for row in results.iter_rows():
+            for row in rows:
+                failure = row.pop("failure")
+                if failure is not None:  # what the worker raised, as the local executor raises it
+                    raise unpack(failure)
                 result = ShardResult(**row)
                 progress.shard_done(result, count_tokens=False)
                 done.append(result)
         finally:
+            getattr(rows, "close", lambda: None)()  # stops the dataset's execution: no worker goes on writing
             stop.set()
             poller.join()
         # what the counter has not shown yet: the shards' own totals are exact

@@ -119,6 +119,8 @@ def s3(s3_server: S3Server) -> Iterator[S3Server]:
     with pytest.MonkeyPatch.context() as env:
         for k, v in s3_server.env.items():
             env.setenv(k, v)
+        # the writer lock's wait before reading its record back (2 s, for real networks) on loopback
+        env.setattr("fusedata.writer_lock.SETTLE_S", 0.05)
         yield s3_server
 
 

@@ -31,6 +31,7 @@ from fusedata.explore.pool import LocalPool, ModelPool
 from fusedata.explore.prompts import STYLES, judge_prompt, names_prompt, question_prompt, usable_question
 from fusedata.explore.report import SFT_COLUMNS, pair_stats
 from fusedata.explore.tree import Tree
+from fusedata.writer_lock import WriterLock
 from schemas.explore import DOCS_SCHEMA, HISTORY_SCHEMA, SFT_SCHEMA
 from schemas.manifest import MANIFEST_NAME
 
@@ -288,6 +289,12 @@ def explore(cfg: ExploreConfig, pool: ModelPool | None = None, log: Any = print)
     out = Path(cfg.output)
     run = run_identity(cfg)
     parts = ("sft", "docs", "history")
+    with DatasetDir(out).writing("explore", log) as lock:  # no other run writes the folder meanwhile
+        return _explore_locked(cfg, pool, log, out, run, parts, lock)
+
+
+def _explore_locked(cfg: ExploreConfig, pool: ModelPool | None, log: Any, out: Path, run: dict[str, Any],
+                    parts: tuple[str, ...], lock: WriterLock) -> dict[str, Any]:
     DatasetDir(out).begin(run, overwrite=cfg.overwrite, owned=(STATE_NAME, TREE_NAME, *parts))
     dirs = {name: DatasetDir(out / name) for name in parts}
     for d in dirs.values():
@@ -322,6 +329,7 @@ def explore(cfg: ExploreConfig, pool: ModelPool | None = None, log: Any = print)
     finally:
         if own_pool:
             pool.close()
+    lock.check()
     stats = _finish(out, run, state)
     return {**stats, "tree": tree.to_dict()}
 

@@ -1,9 +1,9 @@
 """`fusedata run`: every step of a pipeline file in order, each skipped when already done.
 
 The dataset stages (extract, align, fuse, export) run through `run_stage`, which says whether it skipped,
-resumed or ran. Before a finished dataset is trusted, its shards are checked against the sha256 in
-its manifest (`verify_dataset`): a damaged shard is deleted together with the manifest and the stage
-reruns, recomputing only that shard. The other steps (demo files, plots, train, eval) each have an
+resumed or ran. Before a finished dataset is trusted, `run_stage` checks its shards against the
+sha256 in its manifest: a damaged shard is deleted together with the manifest and recomputed, alone.
+The other steps (demo files, plots, train, eval) each have an
 `identity()` and an `is_done()`, so a rerun of a finished pipeline does nothing.
 
 `[pipeline] output` may be a URI (s3://…): the datasets are written there as by the single-stage
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fusedata.dataset import atomic_write_text, repair_dataset, sha256_file, verify_dataset
+from fusedata.dataset import atomic_write_text, sha256_file
 from fusedata.pipeline.config import EvalSpec, Pipeline, load_pipeline
 from fusedata.storage import Location, is_uri, locate
 from fusedata.train import TrainConfig
@@ -227,14 +227,12 @@ def run_pipeline(path: str | Path | Pipeline, executor: Any = None, log: Callabl
 
     def dataset_step(name: str, job: Any, make: Callable[[], Any]) -> None:
         t0 = time.perf_counter()
-        repaired = ""
-        if check:
-            bad = verify_dataset(job.output)
-            if bad:
-                log(f"{job.output}: {len(bad)} shard(s) fail their checksum ({', '.join(bad[:5])}); recomputing them")
-                repair_dataset(job.output, bad)
-                repaired = f"recomputed {', '.join(bad)}"
+        # run_stage checks a finished dataset's shards and recomputes the damaged ones, holding the
+        # folder's writer lock while it deletes them
         result = run_stage(make(), executor, overwrite=job.overwrite, quiet=job.quiet, log=job.log)
+        repaired = f"recomputed {', '.join(result.repaired)}" if result.repaired else ""
+        if repaired:
+            log(f"{job.output}: {len(result.repaired)} shard(s) that fail their checksum were {repaired}")
         status = "repaired" if repaired else result.status
         results.append(StepResult(name, job.output, status, time.perf_counter() - t0, repaired))
         log(f"[{name}] {status}{': ' + repaired if repaired else ''}")

@@ -7,7 +7,8 @@ A stage (extract, align, fuse) says what it makes and how, and nothing about res
 - `setup()` once per worker (load the model), `process(task) -> table` per shard, `teardown()`;
 - `stats(out, names, rate)`: summary figures for the manifest, read back from the written shards.
 
-`run_stage` owns the rest: a finished identical run is a no-op, another run's folder is refused (or,
+`run_stage` owns the rest: it holds the folder's writer lock while it writes (one run at a time,
+fusedata/writer_lock.py), a finished identical run is a no-op, another run's folder is refused (or,
 with `overwrite`, replaced once the new run is complete: it is built in the folder's staging area
 and swapped in), only missing shards are computed, each written atomically, and the manifest is
 written last. An executor only decides where
@@ -17,7 +18,8 @@ that ask for the stage's `resources`, so local and cluster output are identical.
 A shard that fails on bad input (a `UsageError` from the stage: a malformed line, a null id) is
 reported by name and the other shards still run; the run then stops with all those errors, without
 a manifest, and the next run computes just the shards that are missing. Any other exception (a bug,
-an interrupt) stops the run at once.
+a model that raises, a disk that fails, an interrupt) stops the run at once, with the shard's path
+noted on it; the Ray executor re-raises a worker's exception itself, not Ray's wrapper of it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 
 from fusedata.dataset import DatasetDir, refuse_input_inside, repair_dataset, same_run, verify_dataset
-from fusedata.errors import UsageError
+from fusedata.errors import UsageError, note_shard
+from fusedata.writer_lock import WriterLock
 from schemas.manifest import Manifest
 from schemas.topk import INPUT_KEY
 
@@ -123,12 +126,16 @@ def process_shard(stage: Stage, task: Task, out: DatasetDir, on_tokens: Callable
 
 
 def process_or_report(stage: Stage, task: Task, out: DatasetDir, on_tokens: Callable[[int], None] | None = None) -> ShardResult:
-    """`process_shard`, with a failure on bad input returned as the shard's error (the run goes on)."""
+    """`process_shard`, with a failure on bad input returned as the shard's error (the run goes on);
+    any other exception goes on up with the shard's path noted on it (`fusedata.errors.note_shard`)."""
     t0 = time.perf_counter()
     try:
         return process_shard(stage, task, out, on_tokens)
     except UsageError as exc:
         return ShardResult(task.name, 0, 0, 0, time.perf_counter() - t0, error=str(exc))
+    except Exception as exc:  # not bad input: it stops the run, naming the shard (also from a Ray worker)
+        note_shard(exc, str(out.shard_path(task.name)))
+        raise
 
 
 class Executor(Protocol):
@@ -169,6 +176,7 @@ class StageResult:
     status: Literal["skipped", "resumed", "ran"]
     manifest: Manifest
     shards_computed: int
+    repaired: tuple[str, ...] = ()  # shards of the finished dataset that failed their checksum: recomputed
 
 
 def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool = False, quiet: bool = False,
@@ -176,19 +184,36 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
     """Run `stage` into its output folder: skipped (a finished identical run), resumed (only the
     missing shards of an unfinished identical run) or ran. Everything is validated and planned
     before the folder is claimed, and another run's dataset (with `overwrite`) is replaced only by
-    a complete new one, so a refused, failed or interrupted run leaves it untouched."""
-    from fusedata.progress import StageProgress
-
+    a complete new one, so a refused, failed or interrupted run leaves it untouched. From its first
+    write to its end the run holds the folder's writer lock: a run already writing there is refused."""
     run = stage.identity()
     refuse_input_inside(stage.output, stage.inputs())
     out = DatasetDir(stage.output)
+    if _finished(out, run):  # reads only: a finished dataset needs no lock (and may be read-only)
+        log(f"{out.path}: already complete, nothing to do")
+        return StageResult("skipped", Manifest.read(out.path), 0)
+    with out.writing(run.get("stage", stage.kind), log) as lock:
+        return _run_locked(stage, executor, out, run, lock, overwrite, quiet, log)
+
+
+def _finished(out: DatasetDir, run: dict[str, Any]) -> bool:
+    """A finished dataset of this very run whose shards all match its manifest."""
+    return out.is_complete() and same_run(Manifest.read(out.path).run, run) and not verify_dataset(out.path)
+
+
+def _run_locked(stage: Stage, executor: Executor | None, out: DatasetDir, run: dict[str, Any], lock: WriterLock,
+                overwrite: bool, quiet: bool, log: Callable[[str], None]) -> StageResult:
+    from fusedata.progress import StageProgress
+
+    repaired: tuple[str, ...] = ()
     if out.is_complete() and same_run(Manifest.read(out.path).run, run):
         bad = verify_dataset(out.path)  # a finished run is trusted only while its shards match the manifest
-        if not bad:
+        if not bad:  # another run of the same command finished it meanwhile
             log(f"{out.path}: already complete, nothing to do")
             return StageResult("skipped", Manifest.read(out.path), 0)
         log(f"{out.path}: {len(bad)} shard(s) missing or damaged ({', '.join(bad[:5])}); recomputing them")
         repair_dataset(out.path, bad)
+        repaired = tuple(bad)
     tasks = stage.tasks()
     names = [t.name for t in tasks]
     # another run's dataset is replaced only once the new one is complete: it is built in staging()
@@ -217,11 +242,13 @@ def run_stage(stage: Stage, executor: Executor | None = None, *, overwrite: bool
         failed = [r for r in results if r.error]
         if failed:
             raise ShardsFailed(out.path, failed, len(tasks))
+        lock.check()
         manifest = work.finish(stage.kind, run, names, stage.stats(work, names, progress.rate()))
     if replacing:
+        lock.check()
         out.replace_with(work)
         log(f"{out.path}: replaced the dataset of another run")
     line = stage.summary(manifest)
     if line:
         log(line)
-    return StageResult("resumed" if len(todo) < len(tasks) else "ran", manifest, len(todo))
+    return StageResult("resumed" if len(todo) < len(tasks) else "ran", manifest, len(todo), repaired)
