@@ -85,8 +85,8 @@ class _ShardWorker:
             starts = ray.get(self.counter.start.remote(name))  # recorded before the work that may kill us
             if starts > self.attempts:
                 results.append(ShardResult(name, 0, 0, 0, 0.0, error=(
-                    f"its worker died each of the {starts - 1} times it computed this shard (killed for memory? "
-                    "a crash in native code?); not started again in this run")).__dict__)
+                    f"its worker died while computing it, {starts - 1} time(s) (killed for memory? a crash in "
+                    f"native code?); a shard is started at most {self.attempts} time(s) in a run")).__dict__)
                 continue
             results.append(process_or_report(self.stage, task, self.out, self._tokens).__dict__)
             self._flush()
