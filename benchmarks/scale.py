@@ -6,13 +6,21 @@ that is the driver: its peak RSS (VmHWM), the seconds from its start to the firs
 tokens/s of the shards written. With --before DIR (a checkout of the code before #19, e.g.
 `git archive 3713bb5 | tar -x -C DIR`) the same runs are made with that code, side by side.
 A point may stop --limit-s after its first shard: it then reports the shards written so far (partial).
+The driver's time is split into its steps: Ray started, the shard plan made, the Ray dataset of
+task descriptors built (`from_items`); the rest of the time to the first shard is the actors starting,
+loading the model and computing that shard.
 
     .venv/bin/python benchmarks/scale.py [--docs 2000 20000 100000 400000] [--before DIR]
-        [--output URI] [--limit-s 240] [--workers 1] [--docs-per-shard 256]
+        [--output URI] [--storage local s3] [--limit-s 240] [--workers 1] [--docs-per-shard 256]
+
+`--storage s3` writes every point's dataset to a real S3 server on loopback instead: moto's server
+mode, started the way the tests start it (tests/s3.py `start_server`: a free 127.0.0.1 port, one
+bucket, from .venv-s3, which `make s3` builds, or $FUSEDATA_MOTO_SERVER), the drivers and workers
+pointed at it through AWS_ENDPOINT_URL and test credentials; the server is stopped at the end.
 
 Prints a table, writes benchmarks/results/scale.json and a plot of driver RSS against documents
 (benchmarks/results/scale.png). --output (a folder or a URI such as s3://bucket/prefix) is where the
-datasets go: every point writes <output>/<code>-<docs>.
+local-storage points write their datasets: every point writes <output>/<code>-<docs>.
 """
 
 from __future__ import annotations
@@ -98,15 +106,17 @@ def child(args: argparse.Namespace) -> None:
 
         executor = LocalExecutor()
     t_ray = time.perf_counter() - t0
+    steps = _time_driver_steps(t0)
     first: list[float] = []
     done = threading.Event()
+    poll_s = 0.05 if "://" not in args.out else 0.25  # a listing is a request on object storage
 
     def watch() -> None:
         while not done.is_set() and not first:
             if _shards(args.out):
                 first.append(time.perf_counter() - t0)
                 timer.start()  # --limit-s of work after the first shard
-            time.sleep(0.05)
+            time.sleep(poll_s)
 
     def report(complete: bool) -> None:
         done.set()
@@ -123,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
         work = elapsed - (first[0] if first else elapsed)
         print(json.dumps({
             "docs": args.n, "driver_peak_rss_mb": round(rss, 1), "ray_start_s": round(t_ray, 2),
+            **{k: round(v, 2) for k, v in steps.items()},
             "first_shard_s": round(first[0], 2) if first else None, "elapsed_s": round(elapsed, 1),
             "shards_written": len(files), "tokens": tokens,
             "tokens_per_s": round(tokens / max(elapsed - t_ray, 1e-9), 1),
@@ -146,8 +157,44 @@ def child(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def _point(code: Path, model: str, corpus: str, n: int, out: str, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1")
+def _time_driver_steps(t0: float) -> dict[str, float]:
+    """Seconds from the driver's start to the end of its steps (filled in as they happen): the shard
+    plan (`plan_s`) and the Ray dataset of task descriptors (`dataset_s`), by wrapping the two calls."""
+    import fusedata.stages.extract as extract
+
+    steps: dict[str, float] = {}
+
+    def timed(name: str, call):
+        def wrapper(*a, **kw):
+            result = call(*a, **kw)
+            steps.setdefault(name, time.perf_counter() - t0)
+            return result
+        return wrapper
+
+    extract.plan_corpus = timed("plan_s", extract.plan_corpus)
+    try:
+        import ray.data
+
+        ray.data.from_items = timed("dataset_s", ray.data.from_items)
+    except ImportError:
+        pass
+    return steps
+
+
+def _start_s3():
+    """A moto S3 server on loopback with one bucket, as the tests start it (tests/s3.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3 import start_server
+
+    try:
+        return start_server()
+    except BaseException as exc:  # pytest's skip/fail outcomes when no moto server can be found or started
+        raise SystemExit(f"--storage s3: {exc} (`make s3` builds .venv-s3)") from None
+
+
+def _point(code: Path, model: str, corpus: str, n: int, out: str, args: argparse.Namespace,
+           extra_env: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1", **(extra_env or {}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--corpus", corpus,
            "--n", str(n), "--out", out, "--limit-s", str(args.limit_s), "--workers", str(args.workers),
            "--docs-per-shard", str(args.docs_per_shard), "--executor", args.executor]
@@ -169,12 +216,14 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for code in sorted({r["code"] for r in rows}):
-        pts = sorted((r["docs"], r["driver_peak_rss_mb"]) for r in rows if r["code"] == code)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=code)
+    for code, storage in sorted({(r["code"], r.get("storage", "local")) for r in rows}):
+        pts = sorted((r["docs"], r["driver_peak_rss_mb"]) for r in rows
+                     if r["code"] == code and r.get("storage", "local") == storage)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{code}, output {storage}")
     ax.set_xscale("log")
     ax.set_xlabel("documents")
     ax.set_ylabel("driver peak RSS (MB)")
+    ax.set_ylim(bottom=0)
     ax.set_title("extract on local Ray: driver memory")
     ax.legend()
     fig.tight_layout()
@@ -186,6 +235,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, nargs="+", default=[2000, 20000, 100000, 400000])
     ap.add_argument("--before", type=Path, help="a checkout of the code before #19, run side by side")
     ap.add_argument("--output", default="", help="folder or URI for the datasets (default: a temporary folder)")
+    ap.add_argument("--storage", nargs="+", choices=("local", "s3"), default=["local"],
+                    help="local: --output; s3: a moto S3 server on loopback started here (tests/s3.py)")
     ap.add_argument("--limit-s", type=float, default=240.0, help="stop a point this many seconds after its first shard (partial)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--docs-per-shard", type=int, default=256)
@@ -203,24 +254,36 @@ def main() -> None:
         return driver_child(args) if args.driver_only else child(args)
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or ""
-        if not model and not args.driver_only:
-            sys.path.insert(0, str(ROOT / "tests"))
-            import tiny_models
+    s3 = _start_s3() if "s3" in args.storage else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.model or ""
+            if not model and not args.driver_only:
+                sys.path.insert(0, str(ROOT / "tests"))
+                import tiny_models
 
-            model = str(tiny_models.build_tiny_llama(Path(tmp) / "tiny-llama"))
-        output = args.output or str(Path(tmp) / "out")
-        codes = [("after", ROOT)] + ([("before", args.before.resolve())] if args.before else [])
-        for n in args.docs:
-            corpus = Path(tmp) / f"corpus-{n}.jsonl"
-            size = write_corpus(corpus, n)
-            for label, code in codes:
-                r = _point(code, model, str(corpus), n, f"{output.rstrip('/')}/{label}-{n}", args)
-                r.update(code=label, corpus_mb=round(size / 2**20, 1), load=os.getloadavg()[0])
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-            corpus.unlink()
+                model = str(tiny_models.build_tiny_llama(Path(tmp) / "tiny-llama"))
+            places = {"local": (args.output or str(Path(tmp) / "out"), {}),
+                      "s3": (f"s3://{s3.bucket}/scale", s3.env) if s3 else ("", {})}
+            codes = [("after", ROOT)] + ([("before", args.before.resolve())] if args.before else [])
+            for n in args.docs:
+                corpus = Path(tmp) / f"corpus-{n}.jsonl"
+                size = write_corpus(corpus, n)
+                for storage in args.storage:
+                    output, env = places[storage]
+                    for label, code in codes:
+                        load_before = os.getloadavg()[0]
+                        r = _point(code, model, str(corpus), n, f"{output.rstrip('/')}/{label}-{n}", args, env)
+                        r.update(code=label, storage=storage, corpus_mb=round(size / 2**20, 1),
+                                 load_before=load_before, load=os.getloadavg()[0])
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
+                corpus.unlink()
+    finally:
+        if s3:
+            from s3 import stop_server
+
+            stop_server(s3)
     print()
     name = "scale-driver" if args.driver_only else "scale"
     if args.driver_only:
@@ -229,17 +292,21 @@ def main() -> None:
         for r in rows:
             print(f"| {r['code']} | {r['docs']:,} | {r['corpus_mb']} | {r['driver_peak_rss_mb']:.0f} | "
                   f"{r['rss_growth_mb']:.0f} | {r['tasks']:,} | {r['seconds']} | {r['load']:.1f} |")
-        rows_table = False
     else:
-        rows_table = True
-    print(f"executor: {args.executor}")
-    print("| code | docs | corpus MB | driver peak RSS MB | first shard s | shards | tokens/s | run | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for r in rows if rows_table else []:
-        print(f"| {r['code']} | {r['docs']:,} | {r['corpus_mb']} | {r['driver_peak_rss_mb']:.0f} | "
-              f"{r['first_shard_s'] if r['first_shard_s'] is not None else '-'} | {r['shards_written']} | "
-              f"{r['tokens_per_s']:,.0f} | {'complete' if r['complete'] else 'partial'} {r['elapsed_s']} s | "
-              f"{r['load']:.1f} |")
+        print(f"executor: {args.executor}, {args.workers} worker(s), {args.docs_per_shard} docs per shard")
+        print("| storage | code | docs | corpus MB | driver peak RSS MB | ray s | plan s | dataset s | first shard s "
+              "| shards | tokens/s after first | run | load |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+        def cell(r: dict, key: str) -> str:
+            return "-" if r.get(key) is None else f"{r[key]}"
+
+        for r in rows:
+            rate = r["tokens_per_s_after_first_shard"]
+            print(f"| {r['storage']} | {r['code']} | {r['docs']:,} | {r['corpus_mb']} | {r['driver_peak_rss_mb']:.0f} | "
+                  f"{cell(r, 'ray_start_s')} | {cell(r, 'plan_s')} | {cell(r, 'dataset_s')} | {cell(r, 'first_shard_s')} | "
+                  f"{r['shards_written']} | {f'{rate:,.0f}' if rate else '-'} | "
+                  f"{'complete' if r['complete'] else 'partial'} {r['elapsed_s']} s | "
+                  f"{r['load_before']:.1f}-{r['load']:.1f} |")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

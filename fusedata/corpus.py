@@ -32,12 +32,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fusedata.errors import UsageError
-from fusedata.storage import Location, is_uri, resolve
+from fusedata.storage import Location, is_uri, resolve, shown
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 DOCS_SCHEMA = pa.schema([pa.field("doc_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)])
 PROBE_BYTES = 1 << 20  # bytes of each JSONL file the planner reads (line starts, format check)
 PROBE_TEXT_FILES = 1000  # text files (one document each) whose head the planner checks is UTF-8
+PLAN_IDS = 100_000  # document ids the planner keeps to refuse duplicates before the run (tens of MB at most)
 _BLOCK = 8 << 20  # read size when a worker scans for a line start or counts lines
 
 
@@ -320,8 +321,28 @@ class _Units:
         return min(self.size, self.exact_end + round((u - len(self.starts)) * self.mean)), None
 
 
-def _probe_jsonl(f: InputFile, opts: ReadOptions, probe_bytes: int) -> tuple[_Units, int]:
-    """The file's head read once: exact line starts, the format checked; (units, non-empty docs seen)."""
+class _SeenIds:
+    """The document ids the planner sees without reading beyond what it plans from (the probed JSONL
+    heads, text file names), each with where it was: a duplicate among them is refused before
+    anything is written. At most `limit` are kept (past that, only the end of the run checks)."""
+
+    def __init__(self, limit: int) -> None:
+        self.where: dict[str, str] = {}
+        self.limit = limit
+
+    def add(self, doc_id: str, where: str) -> None:
+        first = self.where.get(doc_id)
+        if first is not None:
+            raise UsageError(f"duplicate document id {doc_id!r} ({first} and {where}): give each record a unique "
+                             "id field or rename the files")
+        if len(self.where) < self.limit:
+            self.where[doc_id] = where
+
+
+def _probe_jsonl(f: InputFile, opts: ReadOptions, probe_bytes: int,
+                 seen: _SeenIds | None = None) -> tuple[_Units, int]:
+    """The file's head read once: exact line starts, the format checked, its documents' ids added to
+    `seen`; (units, non-empty docs seen)."""
     with _open(f) as h:
         head = h.read(min(f.size, probe_bytes))
     whole = len(head) == f.size
@@ -335,7 +356,10 @@ def _probe_jsonl(f: InputFile, opts: ReadOptions, probe_bytes: int) -> tuple[_Un
         starts.append(begin)
         lines.append(lineno)
         parsed = _parse_line(line, f"{f.shown}:{lineno}", opts, stats)
-        nonempty += parsed is not None and bool(parsed[1].strip())
+        if parsed is not None and parsed[1].strip():
+            nonempty += 1
+            if seen is not None:  # the id the worker will give it (read_pieces skips empty texts)
+                seen.add(parsed[0] if parsed[0] is not None else f"{f.name}:{lineno}", f"{f.shown}:{lineno}")
     units = _Units(len(starts), f.size, starts, lines, len(complete), complete.count(b"\n"))
     if not whole:
         units.mean = len(complete) / len(starts) if starts else float(max(len(head), 1))
@@ -381,13 +405,15 @@ def plan_corpus(inputs: list[str], docs_per_shard: int, opts: ReadOptions = Read
         raise UsageError("--docs-per-shard must be at least 1")
     probe_bytes = probe_bytes or PROBE_BYTES
     files = list_inputs(inputs)
+    _refuse_listed_twice(files)
+    ids = _SeenIds(PLAN_IDS)
     shards: list[tuple[Piece, ...]] = []
     current: list[Piece] = []
     room = docs_per_shard
     all_probed, nonempty, text_probed = True, 0, 0
     for f in files:
         if f.kind == "jsonl":
-            units, seen = _probe_jsonl(f, opts, probe_bytes)
+            units, seen = _probe_jsonl(f, opts, probe_bytes, ids)
             nonempty += seen
             all_probed &= f.size <= probe_bytes
         elif f.kind == "parquet":
@@ -396,6 +422,7 @@ def plan_corpus(inputs: list[str], docs_per_shard: int, opts: ReadOptions = Read
             if text_probed < PROBE_TEXT_FILES:
                 _probe_text(f, probe_bytes)
                 text_probed += 1
+            ids.add(f.name, f.shown)  # a text file is one document, its name the id
             units, all_probed = _Units(1, f.size), False
         u = 0
         while u < units.count:
@@ -415,6 +442,18 @@ def plan_corpus(inputs: list[str], docs_per_shard: int, opts: ReadOptions = Read
         raise UsageError("the corpus holds no non-empty documents")
     planned = [docs_per_shard] * (len(shards) - 1) + [docs_per_shard - room if current else docs_per_shard]
     return CorpusPlan(files, shards, {"text_field": opts.text_field, "id_field": opts.id_field}, planned)
+
+
+def _refuse_listed_twice(files: list[InputFile]) -> None:
+    """One file named by two inputs (a folder and a file in it, overlapping globs) would be read twice,
+    under two names when its ids are file:line: refused from the listing."""
+    first: dict[tuple[str, str], InputFile] = {}
+    for f in files:
+        key = (f.root.split("://", 1)[0] if is_uri(f.root) else "", f.path)
+        if key in first:
+            raise UsageError(f"{f.shown}: named twice by the inputs ({shown(first[key].root)} and {shown(f.root)}); its documents "
+                             "would be read twice (duplicate documents): name each file once")
+        first[key] = f
 
 
 # -- reading (a worker's share) -------------------------------------------------------------------

@@ -7,8 +7,10 @@ shard's name and what the worker is to read, e.g. extract's corpus byte ranges),
 shard is written atomically by whichever worker computed it. Results stream back as shards finish;
 tokens are reported live to a small progress actor that the driver polls. A shard that fails on bad
 input comes back as an error row (the others go on); an actor that dies is restarted by Ray Data and
-its shard redone. Output folders must be on storage every node sees on a multi-node cluster (a shared
-filesystem or an object store: s3://…).
+its shard redone by the new process (Ray Data retries a dead actor's tasks), up to SHARD_ATTEMPTS
+starts: a shard whose worker keeps dying (killed for memory, a crash in native code) then fails by
+name like a shard of bad input, instead of restarting workers forever. Output folders must be on
+storage every node sees on a multi-node cluster (a shared filesystem or an object store: s3://…).
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ from jobs.embedded_ray import LOOPBACK, start_local_ray
 from jobs.worker_errors import pack, unpack
 
 REPORT_EVERY_S = 0.5  # how often a worker sends its token count, and the driver reads the total
+SHARD_ATTEMPTS = 3  # starts of a shard (the first, then Ray's retries after its worker died)
 
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Tokens the workers have processed so far (they add, the driver takes what is new)."""
+    """Tokens the workers have processed so far (they add, the driver takes what is new), and how
+    many times each shard was started in this run (a start after a worker died is a retry)."""
 
     def __init__(self) -> None:
         self.tokens = 0
+        self.starts: dict[str, int] = {}
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
@@ -48,9 +53,15 @@ class ProgressCounter:
     def total(self) -> int:
         return self.tokens
 
+    def start(self, name: str) -> int:
+        """Count a start of shard `name`; returns its number (1 for the first)."""
+        self.starts[name] = self.starts.get(name, 0) + 1
+        return self.starts[name]
+
 
 class _ShardWorker:
-    def __init__(self, stage: Stage, out_path: Location, counter: Any) -> None:
+    def __init__(self, stage: Stage, out_path: Location, counter: Any, attempts: int) -> None:
+        self.attempts = attempts
         self.stage = stage
         # a failure to start (a model that does not load) is reported by each task instead: Ray
         # keeps only the text of an actor's __init__ error
@@ -78,6 +89,13 @@ class _ShardWorker:
         for name, source, rows in zip(batch.column("name").to_pylist(), batch.column("source").to_pylist(),
                                       batch.column("rows").to_pylist(), strict=True):
             task = Task(name, pickle.loads(source) if source is not None else None, rows)
+            starts = ray.get(self.counter.start.remote(name))  # recorded before the work that may kill us
+            if starts > self.attempts:
+                results.append({**ShardResult(name, 0, 0, 0, 0.0, error=(
+                    f"its worker died while computing it, {starts - 1} time(s) (killed for memory? a crash in "
+                    f"native code?); a shard is started at most {self.attempts} time(s) in a run")).__dict__,
+                    "failure": None})
+                continue
             try:  # never raise: Ray Data would bring back only its own text (jobs/worker_errors.py)
                 if self.setup_error is not None:
                     raise self.setup_error
@@ -93,13 +111,13 @@ class _ShardWorker:
             self.stage.teardown()
 
 
-def _bind_worker(stage: Stage, out_path: Location, counter: Any) -> type:
+def _bind_worker(stage: Stage, out_path: Location, counter: Any, attempts: int) -> type:
     """A worker class with its arguments captured (pickled with the class), so Ray Data needs
     no constructor arguments in the object store and can restart a lost actor."""
 
     class ShardWorker(_ShardWorker):
         def __init__(self) -> None:
-            super().__init__(stage, out_path, counter)
+            super().__init__(stage, out_path, counter, attempts)
 
     return ShardWorker
 
@@ -154,11 +172,16 @@ def actor_resources(wants: Resources, cluster: dict[str, float], workers: int) -
 
 class RayExecutor:
     """Shards across a pool of Ray actors, one model load per actor, each asking for the stage's
-    `resources` (cpus_per_worker, when given, replaces the stage's CPU figure)."""
+    `resources` (cpus_per_worker, when given, replaces the stage's CPU figure); a shard is started
+    at most `shard_attempts` times (its worker died each time before: it fails by name)."""
 
-    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None) -> None:
+    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_worker: float | None = None,
+                 shard_attempts: int = SHARD_ATTEMPTS) -> None:
         if workers < 1:
             raise UsageError(f"--workers: must be at least 1, got {workers}")
+        if shard_attempts < 1:
+            raise UsageError(f"shard_attempts: must be at least 1, got {shard_attempts}")
+        self.shard_attempts = shard_attempts
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
@@ -174,9 +197,11 @@ class RayExecutor:
         counter = ProgressCounter.options(name=None).remote()
         ds = ray.data.from_items(task_rows(tasks), override_num_blocks=len(tasks))
         results = ds.map_batches(
-            _bind_worker(stage, out.path, counter),  # a Location: pickled with its filesystem and settings
+            _bind_worker(stage, out.path, counter, self.shard_attempts),  # out.path: pickled with its filesystem
             batch_size=1,
             batch_format="pyarrow",
+            # Ray Data restarts a dead actor and retries its tasks without limit (max_restarts and
+            # max_task_retries -1): the workers cap a shard's starts themselves (shard_attempts)
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=cpus,
             **({"num_gpus": gpus} if gpus else {}),
@@ -204,15 +229,17 @@ class RayExecutor:
                 if failure is not None:  # what the worker raised, as the local executor raises it
                     raise unpack(failure)
                 result = ShardResult(**row)
+                if not result.error:
+                    stage.shard_done(out, result)  # may stop the run (raises)
                 progress.shard_done(result, count_tokens=False)
                 done.append(result)
         finally:
             getattr(rows, "close", lambda: None)()  # stops the dataset's execution: no worker goes on writing
             stop.set()
             poller.join()
+            ray.kill(counter)
         # what the counter has not shown yet: the shards' own totals are exact
         missing = sum(r.tokens for r in done) - seen[0]
         if missing > 0:
             progress.add(tokens=missing)
-        ray.kill(counter)
         return done

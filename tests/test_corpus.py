@@ -182,10 +182,15 @@ def test_duplicate_ids(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"text": "a", "id": "same"}, {"text": "b", "id": "same"}])
     with pytest.raises(UsageError, match=r"duplicate document id 'same'"):
         read_corpus([str(path)])
-    # the same file named twice gives the same file:line ids twice
+    # the same file named twice would be read twice: refused from the listing
     plain = _jsonl(tmp_path / "p.jsonl", [{"text": "a"}])
-    with pytest.raises(UsageError, match=r"duplicate document id 'p.jsonl:1'"):
+    with pytest.raises(UsageError, match=r"p.jsonl: named twice by the inputs"):
         read_corpus([str(plain), str(plain)])
+    # two files of one name give the same file:line ids: refused from their probed heads
+    (tmp_path / "q").mkdir()
+    other = _jsonl(tmp_path / "q" / "p.jsonl", [{"text": "b"}])
+    with pytest.raises(UsageError, match=r"duplicate document id 'p.jsonl:1'"):
+        read_corpus([str(plain), str(other)])
 
 
 def test_shard_docs(tmp_path):

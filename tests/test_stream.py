@@ -166,3 +166,80 @@ def test_a_bad_shard_is_reported_the_rest_written_and_a_rerun_retries_only_it(ti
     assert [(s.name, s.sha256) for s in manifest.shards] == [(s.name, s.sha256) for s in fresh.shards]
     assert Manifest.read(out).shards == manifest.shards
 
+
+
+def _same_length_jsonl(path: Path, ids: list[str]) -> Path:
+    """Records of one byte length each, so cuts estimated beyond a probe land exactly on line starts."""
+    lines = [json.dumps({"id": i, "text": f"document number {n:03d} about lighthouses"}) for n, i in enumerate(ids)]
+    assert len({len(line) for line in lines}) == 1
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_duplicate_ids_the_planner_sees_are_refused_before_anything_is_written(tiny_llama, tmp_path):
+    """Ids in the probed heads, text file names and a file named twice: refused by the plan alone."""
+    corpus = _same_length_jsonl(tmp_path / "c.jsonl", ["a", "b", "a"])
+    with pytest.raises(UsageError, match=rf"duplicate document id 'a' \({corpus}:1 and {corpus}:3\)"):
+        plan_corpus([str(corpus)], 2)
+    with pytest.raises(UsageError, match="duplicate document id 'a'"):
+        run_extract(_job(tiny_llama, corpus, tmp_path / "topk"))
+    assert not (tmp_path / "topk").exists()
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.txt").write_text(f"text of {d}", encoding="utf-8")
+    d1, d2 = tmp_path / "d1" / "x.txt", tmp_path / "d2" / "x.txt"
+    with pytest.raises(UsageError, match=rf"duplicate document id 'x.txt' \({d1} and {d2}\)"):
+        plan_corpus([str(tmp_path / "d1"), str(tmp_path / "d2")], 2)
+    # one file reached through a folder and by name: ids x.txt and sub/x.txt differ, the text is the same
+    (tmp_path / "d1" / "sub").mkdir()
+    inner = _same_length_jsonl(tmp_path / "d1" / "sub" / "y.jsonl", ["p", "q"])
+    with pytest.raises(UsageError, match=rf"{inner}: named twice by the inputs \({tmp_path / 'd1'} and {inner}\)"):
+        plan_corpus([str(tmp_path / "d1"), str(inner)], 2)
+
+
+def test_a_duplicate_id_past_the_probe_stops_the_run_at_its_second_shard(tiny_llama, tmp_path, monkeypatch):
+    """Past the probed head the planner cannot see ids (they are inside the lines): the driver
+    checks each shard's ids as it is written and stops the run at the second shard holding one, not
+    at the end; a duplicate within one shard fails that shard in its worker, before the model runs."""
+    monkeypatch.setattr(fusedata.corpus, "PROBE_BYTES", 64)  # the head holds the first line only
+    corpus = _same_length_jsonl(tmp_path / "c.jsonl", ["d0", "d1", "d2", "d3", "d1", "d5"])
+    plan = plan_corpus([str(corpus)], 1)
+    assert [[doc for doc, _ in _docs(shard)] for shard in plan.shards] == [[f"d{i}"] for i in (0, 1, 2, 3, 1, 5)]
+    out = tmp_path / "topk"
+    with pytest.raises(UsageError, match=r"duplicate document id 'd1' \(in shard-00001.parquet and shard-00004.parquet\)"):
+        run_extract(ExtractJob([str(corpus)], str(out), _job(tiny_llama, corpus, out).config, docs_per_shard=1,
+                               quiet=True, log=lambda m: None))
+    assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-0000{i}.parquet" for i in range(5)]
+    assert not (out / MANIFEST_NAME).exists()
+
+    # two documents of one id in the same shard: that shard fails by name, the others are written
+    corpus = _same_length_jsonl(tmp_path / "c2.jsonl", ["d0", "d1", "d2", "d3", "d4", "d4"])
+    out = tmp_path / "topk-2"
+    with pytest.raises(ShardsFailed, match=r"1 of 3 shard\(s\) failed.*shard-00002.parquet: duplicate document id 'd4'"):
+        run_extract(ExtractJob([str(corpus)], str(out), _job(tiny_llama, corpus, out).config, docs_per_shard=2,
+                               quiet=True, log=lambda m: None))
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.parquet", "shard-00001.parquet"]
+
+
+def test_digest_index_finds_what_a_dict_finds():
+    """The driver's id index (sorted runs merged as they grow) against a plain dict, over batches
+    of random digests of which some repeat an earlier batch's."""
+    import numpy as np
+
+    from fusedata.stages.extract import DigestIndex
+
+    rng = np.random.default_rng(0)
+    index, reference = DigestIndex(), {}
+    for shard in range(300):
+        fresh = rng.integers(0, 2**63, size=int(rng.integers(0, 40)), dtype=np.uint64)
+        if reference and rng.random() < 0.3:  # an id of an earlier shard
+            fresh = np.append(fresh, np.uint64(rng.choice(list(reference))))
+        want = next((reference[int(d)] for d in fresh if int(d) in reference), None)
+        got = index.find(fresh)
+        assert (got is None) == (want is None)
+        if got is not None:  # the shard of one of the repeated digests
+            assert got in {reference[int(d)] for d in fresh if int(d) in reference}
+            continue
+        index.add(fresh, shard)
+        reference.update((int(d), shard) for d in fresh)
+    assert len(index.runs) <= 12 and sum(len(k) for k, _ in index.runs) == len(reference)

@@ -5,6 +5,7 @@ A stage (extract, align, fuse) says what it makes and how, and nothing about res
 - `identity()`: everything that shapes the output (the run record in `_run.json`);
 - `tasks()`: the shard plan, built from listings (a corpus, another dataset's manifest);
 - `setup()` once per worker (load the model), `process(task) -> table` per shard, `teardown()`;
+- `shard_done(out, result)`: a check in the driver as each shard is written, which may stop the run;
 - `stats(out, names, rate)`: summary figures for the manifest, read back from the written shards.
 
 `run_stage` owns the rest: it holds the folder's writer lock while it writes (one run at a time,
@@ -93,6 +94,10 @@ class Stage:
     def process(self, task: Task, on_tokens: Callable[[int], None] | None = None) -> pa.Table:
         raise NotImplementedError
 
+    def shard_done(self, out: DatasetDir, result: ShardResult) -> None:
+        """In the driver, as each shard this run computes is written (in the order they finish): a
+        check that stops the run early by raising (extract: a document id an earlier shard holds)."""
+
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
         return {}
 
@@ -153,6 +158,8 @@ class LocalExecutor:
         try:
             for task in tasks:
                 result = process_or_report(stage, task, out, progress.tokens)
+                if not result.error:
+                    stage.shard_done(out, result)
                 progress.shard_done(result, count_tokens=False)
                 results.append(result)
         finally:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusedata.codec import DEFAULT_CODEC, get_codec
-from fusedata.corpus import CorpusPlan, ReadOptions, add_content, plan_corpus, read_pieces
+from fusedata.corpus import CorpusPlan, ReadOptions, add_content, check_unique, plan_corpus, read_pieces
 from fusedata.dataset import DatasetDir, read_shard, shard_metadata, shard_name
 from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.models.spec import (
@@ -44,7 +44,7 @@ from fusedata.models.spec import (
     tokenizer_hash,
     weights_hash,
 )
-from fusedata.stages.base import Resources, Stage, Task
+from fusedata.stages.base import Resources, ShardResult, Stage, Task
 from fusedata.storage import Location
 from fusedata.topk import PAD_ID, TopK, merge_sparse, tail_mass
 from fusedata.windows import Window, batch_by_budget, tokenize_windows
@@ -198,12 +198,15 @@ class ExtractStage(Stage):
         self.label = f"extract {config.model}"
         self.resources = Resources(gpus=1.0 if config.wants_gpu() else 0.0)
         self._plan: CorpusPlan | None = None
+        self._ids: DigestIndex | None = None  # the driver's index of this run's document ids (shard_done)
+        self._id_shards: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:
         """What a Ray actor gets: settings and the resolved model, not the model, tokenizer or corpus."""
         state = dict(self.__dict__)
-        for key in ("model", "engine", "tokenizer", "_nbytes", "_plan"):
+        for key in ("model", "engine", "tokenizer", "_nbytes", "_plan", "_ids"):
             state[key] = None
+        state["_id_shards"] = []
         return state
 
     # -- set-up (driver and worker) -------------------------------------------------------
@@ -333,11 +336,30 @@ class ExtractStage(Stage):
         into the table's metadata (INPUT_KEY), which the shard file keeps."""
         assert task.source is not None
         docs, read = read_pieces(task.source, self.read_options())
+        check_unique(docs.column("doc_id").to_pylist())  # within the shard; across shards: shard_done, topk_stats
         table = self(docs, on_tokens)
         record = {"sha256": read.sha256, "bytes": read.bytes_read, "docs": read.docs,
                   "empty_skipped": read.empty_skipped, "bad_skipped": read.bad_skipped,
                   "content": f"{read.content:064x}"}
         return table.replace_schema_metadata({**(table.schema.metadata or {}), INPUT_KEY: json.dumps(record).encode()})
+
+    def shard_done(self, out: DatasetDir, result: ShardResult) -> None:
+        """A document id that a shard written earlier in this run holds stops the run as soon as
+        the second shard is written (the shards of an earlier, resumed run are checked at the end,
+        with the rest: `topk_stats`)."""
+        if self._ids is None:
+            self._ids, self._id_shards = DigestIndex(), []
+        ids = read_shard(out.shard_path(result.name), columns=["doc_id"]).column("doc_id").unique().to_pylist()
+        digests = _id_digests(ids)
+        earlier = self._ids.find(digests)
+        if earlier is not None:
+            before = self._id_shards[earlier]
+            both = set(read_shard(out.shard_path(before), columns=["doc_id"]).column("doc_id").to_pylist()) & set(ids)
+            if both:  # else two ids with the same 8-byte digest: not a duplicate
+                raise UsageError(f"duplicate document id {min(both)!r} (in {before} and {result.name}): give each "
+                                 "record a unique id field or rename the files")
+        self._ids.add(digests, len(self._id_shards))
+        self._id_shards.append(result.name)
 
     def stats(self, out: DatasetDir, names: list[str], rate: float) -> dict[str, Any]:
         result = topk_stats(out, names)
@@ -493,6 +515,35 @@ def _id_digests(ids: list[str]) -> np.ndarray:
     whole corpus costs 8 bytes each, not a set of strings in the driver)."""
     return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
                     dtype=np.uint64)
+
+
+class DigestIndex:
+    """The document ids of the shards a run has written, as 8-byte digests with the number of the
+    shard each came from (12 bytes per document, not a set of strings in the driver): sorted runs
+    merged as they grow, sizes halving down the list (a binary counter), so adding n ids costs
+    O(n log n) in all and a lookup one binary search per run."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (digests uint64 [n] sorted, shard int32 [n])
+
+    def find(self, digests: np.ndarray) -> int | None:
+        """The shard number of an indexed digest among `digests`, or None."""
+        for keys, shards in self.runs:
+            at = np.minimum(np.searchsorted(keys, digests), len(keys) - 1)  # [len(digests)]
+            hit = np.flatnonzero(keys[at] == digests)
+            if len(hit):
+                return int(shards[at[hit[0]]])
+        return None
+
+    def add(self, digests: np.ndarray, shard: int) -> None:
+        keys, shards = np.sort(digests), np.full(len(digests), shard, np.int32)
+        while self.runs and len(self.runs[-1][0]) <= len(keys):
+            k, sh = self.runs.pop()
+            keys, shards = np.concatenate([k, keys]), np.concatenate([sh, shards])
+            order = np.argsort(keys, kind="stable")
+            keys, shards = keys[order], shards[order]
+        if len(keys):
+            self.runs.append((keys, shards))
 
 
 def shard_input(meta: pq.FileMetaData) -> dict[str, Any]:
