@@ -40,6 +40,19 @@ def _layout_of(kind: str) -> str | None:
     return next((name for name, lay in LAYOUTS.items() if lay.kind == kind), None)
 
 
+def _sizes(folder: Location, manifest: Any, names: list[str], k: int | None, positions: int,
+           topk_columns: set[str]) -> dict[str, Any]:
+    """The fields every summary has: what the folder holds and its bytes per position, in all and in
+    the columns that carry the distributions (`topk_columns`)."""
+    sizes = column_bytes(folder, names)
+    topk_bytes = sum(v for c, v in sizes.items() if c in topk_columns)
+    total = sum(s.bytes for s in manifest.shards)
+    return {"path": str(folder), "kind": manifest.kind, "rows": manifest.rows, "tokens": manifest.tokens,
+            "positions": positions, "k": k, "shards": len(names), "total_bytes": total,
+            "bytes_per_token": total / max(positions, 1), "topk_bytes": topk_bytes,
+            "topk_bytes_per_token": topk_bytes / max(positions, 1), "column_bytes": sizes}
+
+
 def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     folder = locate(path)
     manifest = open_dataset(folder, verify=verify)
@@ -53,25 +66,10 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     if layout is not None:
         return _summarize_export(folder, manifest, names, k, layout)
     codec = codec_from_schema(schema, str(folder)) if schema is not None else None
-    codec_cols = {f.name for f in codec.fields()} if codec else set()
-    sizes = column_bytes(folder, names)
     positions = int(manifest.stats.get("positions") or manifest.tokens - manifest.rows)
-    topk_bytes = sum(v for k, v in sizes.items() if k in codec_cols)
-    total = sum(s.bytes for s in manifest.shards)
     return {
-        "path": str(folder),
-        "kind": manifest.kind,
-        "rows": manifest.rows,
-        "tokens": manifest.tokens,
-        "positions": positions,
-        "k": k,
+        **_sizes(folder, manifest, names, k, positions, {f.name for f in codec.fields()} if codec else set()),
         "codec": codec.spec() if codec else None,
-        "shards": len(names),
-        "total_bytes": total,
-        "bytes_per_token": total / max(positions, 1),
-        "topk_bytes": topk_bytes,
-        "topk_bytes_per_token": topk_bytes / max(positions, 1),
-        "column_bytes": sizes,
         "model": manifest.run.get("model") or manifest.run.get("source", {}).get("model"),
         "method": (manifest.run.get("fuse") or {}).get("method"),
         "stats": manifest.stats,
@@ -83,29 +81,15 @@ def _summarize_export(folder: Location, manifest: Any, names: list[str], k: int 
                       layout: str) -> dict[str, Any]:
     """An export's summary: what `summarize` gives a codec dataset, with the layout and its source
     (kind, run digest, model and size) in place of the codec."""
-    sizes = column_bytes(folder, names)
-    stats, run = manifest.stats, manifest.run
-    positions = int(stats.get("positions") or max(manifest.tokens - manifest.rows, 0))
     from fusedata.interop.layouts import LAYOUTS
 
-    topk_bytes = sum(v for c, v in sizes.items() if c in LAYOUTS[layout].topk_columns)
-    total = sum(s.bytes for s in manifest.shards)
+    stats, run = manifest.stats, manifest.run
+    positions = int(stats.get("positions") or max(manifest.tokens - manifest.rows, 0))
     source_run = run.get("source_run") or {}
     return {
-        "path": str(folder),
-        "kind": manifest.kind,
+        **_sizes(folder, manifest, names, k, positions, set(LAYOUTS[layout].topk_columns)),
         "layout": layout,
-        "rows": manifest.rows,
-        "tokens": manifest.tokens,
-        "positions": positions,
-        "k": k,
         "codec": None,
-        "shards": len(names),
-        "total_bytes": total,
-        "bytes_per_token": total / max(positions, 1),
-        "topk_bytes": topk_bytes,
-        "topk_bytes_per_token": topk_bytes / max(positions, 1),
-        "column_bytes": sizes,
         "source": {"kind": run.get("of") or stats.get("of"), "digest": run.get("source_digest"),
                    "shards": len(run.get("source_shards") or []), "bytes": stats.get("source_bytes"),
                    "bytes_per_token": stats.get("source_bytes_per_token")},
