@@ -128,6 +128,12 @@ def task_rows(tasks: list[Task]) -> list[dict[str, Any]]:
             for t in tasks]
 
 
+def task_dataset(tasks: list[Task]) -> Any:
+    """The Ray dataset the workers map over: one block per task, so results stream back shard by
+    shard (its build costs ~2 ms per shard: benchmarks/scale.py times it)."""
+    return ray.data.from_items(task_rows(tasks), override_num_blocks=len(tasks))
+
+
 def init_ray(address: str | None, num_cpus: int | None = None, log: Callable[[str], None] | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray (never one that is
     already running: see jobs/embedded_ray.py). Says which on stderr."""
@@ -195,7 +201,7 @@ class RayExecutor:
             wants = Resources(cpus=self.cpus_per_worker, gpus=wants.gpus)
         cpus, gpus = actor_resources(wants, ray.cluster_resources(), self.workers)
         counter = ProgressCounter.options(name=None).remote()
-        ds = ray.data.from_items(task_rows(tasks), override_num_blocks=len(tasks))
+        ds = task_dataset(tasks)
         results = ds.map_batches(
             _bind_worker(stage, out.path, counter, self.shard_attempts),  # out.path: pickled with its filesystem
             batch_size=1,
