@@ -410,6 +410,24 @@ def _raw_slots(z: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 @njit(cache=True)
+def _read_magnitude(x, words, p, end, i):  # pragma: no cover - compiled
+    """The value whose bit-length symbol `i` was just decoded (0, or 2**(i-1) plus i-1 raw bits,
+    read in at most two chunks of RAW_CHUNK): returns (value, x, p, ok)."""
+    z = np.int64(0) if i == 0 else np.int64(1) << (i - 1)
+    nraw = max(i - 1, 0)
+    rest = np.int64(0)
+    for w in (max(nraw - RAW_CHUNK, 0), min(nraw, RAW_CHUNK)):
+        if w == 0:
+            continue
+        v = x & ((np.int64(1) << w) - 1)
+        x, p, ok = rans_take(x, words, p, end, np.int64(1), np.int64(0), w)
+        if not ok:
+            return z, x, p, False
+        rest = (rest << w) | v
+    return z + rest, x, p, True
+
+
+@njit(cache=True)
 def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_values,
                  codes, ids, rank, gold_z, tail_z, pos0):  # pragma: no cover - compiled
     """Decode rows into the output arrays from position pos0 on; returns the first bad row or -1."""
@@ -440,23 +458,13 @@ def _decode_rows(words, row_word_off, row_n, k, cum_flat, cum_off, id_cum, id_va
                 if field == 0:
                     rank[pos] = i
                     continue
-                z = np.int64(0) if i == 0 else np.int64(1) << (i - 1)
-                nraw = max(i - 1, 0)
-                w_hi = max(nraw - RAW_CHUNK, 0)
-                w_lo = min(nraw, RAW_CHUNK)
-                rest = np.int64(0)
-                for w in (w_hi, w_lo):
-                    if w == 0:
-                        continue
-                    v = x & ((np.int64(1) << w) - 1)
-                    x, p, ok = rans_take(x, words, p, end, np.int64(1), np.int64(0), w)
-                    if not ok:
-                        return r
-                    rest = (rest << w) | v
+                value, x, p, ok = _read_magnitude(x, words, p, end, i)
+                if not ok:
+                    return r
                 if field == 1:
-                    gold_z[pos] = z + rest
+                    gold_z[pos] = value
                 else:
-                    tail_z[pos] = z + rest
+                    tail_z[pos] = value
             pos += 1
         if x != (np.int64(1) << 31) or p != end:  # a clean stream ends in the initial state
             return r
@@ -516,18 +524,9 @@ def _decode_rows_sampled(words, row_word_off, row_n, k, cum_flat, cum_off, id_cu
                 i, x, p, ok = rans_symbol(x, words, p, end, cum_flat[cum_off[t] : cum_off[t + 1]])
                 if not ok:
                     return r
-                z = np.int64(0) if i == 0 else np.int64(1) << (i - 1)
-                nraw = max(i - 1, 0)
-                rest = np.int64(0)
-                for w in (max(nraw - RAW_CHUNK, 0), min(nraw, RAW_CHUNK)):
-                    if w == 0:
-                        continue
-                    v = x & ((np.int64(1) << w) - 1)
-                    x, p, ok = rans_take(x, words, p, end, np.int64(1), np.int64(0), w)
-                    if not ok:
-                        return r
-                    rest = (rest << w) | v
-                gold_z[pos] = z + rest
+                gold_z[pos], x, p, ok = _read_magnitude(x, words, p, end, i)
+                if not ok:
+                    return r
             pos += 1
         if x != (np.int64(1) << 31) or p != end:  # a clean stream ends in the initial state
             return r
