@@ -31,7 +31,7 @@ from fusedata.dataset import DatasetDir, open_dataset, read_shard, run_digest, s
 from fusedata.errors import OptionError, UsageError, check_options, field_choices
 from fusedata.interop import layouts
 from fusedata.interop.plain import topk_from_columns
-from fusedata.stages.base import Stage, Task, run_stage
+from fusedata.stages.base import JobOptions, Stage, Task, run_stage
 from fusedata.storage import is_uri
 from schemas import plain
 from schemas.aligned import aligned_schema
@@ -50,14 +50,10 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class ExportJob:
+class ExportJob(JobOptions):
     source: str
     output: str
     config: ExportConfig = field(default_factory=ExportConfig)
-    overwrite: bool = False
-    quiet: bool = False
-    verify: bool = True
-    log: Any = field(default=print, repr=False)
 
 
 def _layout_stats(out: DatasetDir, names: list[str], source: Manifest, source_dir: str) -> dict[str, Any]:
@@ -148,14 +144,10 @@ class ImportConfig:
 
 
 @dataclass(frozen=True)
-class ImportJob:
+class ImportJob(JobOptions):
     source: str
     output: str
     config: ImportConfig = field(default_factory=ImportConfig)
-    overwrite: bool = False
-    quiet: bool = False
-    verify: bool = True
-    log: Any = field(default=print, repr=False)
 
 
 class ImportStage(Stage):

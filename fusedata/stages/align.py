@@ -30,7 +30,7 @@ from fusedata.dataset import (
     target_identity,
 )
 from fusedata.errors import UsageError, check_options, field_choices
-from fusedata.stages.base import Stage, Task
+from fusedata.stages.base import JobOptions, Stage, Task
 from fusedata.storage import locate
 from schemas.aligned import ALIGN_KINDS, aligned_schema
 from schemas.manifest import Manifest
@@ -48,15 +48,11 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
-class AlignJob:
+class AlignJob(JobOptions):
     target: str
     source: str
     output: str
     config: AlignConfig = field(default_factory=AlignConfig)
-    overwrite: bool = False
-    quiet: bool = False
-    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
-    log: Any = field(default=print, repr=False)
 
 
 def _tokenizer_of(run: dict[str, Any], dataset: str) -> Any:

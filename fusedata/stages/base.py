@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import pyarrow as pa
@@ -38,6 +38,17 @@ from fusedata.errors import UsageError, note_shard
 from fusedata.writer_lock import WriterLock
 from schemas.manifest import Manifest
 from schemas.topk import INPUT_KEY
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobOptions:
+    """What every job that reads datasets and writes one takes beside its inputs and config (keyword
+    only, so each job's own fields keep their places)."""
+
+    overwrite: bool = False
+    quiet: bool = False
+    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
+    log: Any = field(default=print, repr=False)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from fusedata.dataset import (
 )
 from fusedata.errors import UsageError, check_options, field_choices
 from fusedata.fuse import AVGCE_TEMPERATURE, fuse_tables
-from fusedata.stages.base import Stage, Task
+from fusedata.stages.base import JobOptions, Stage, Task
 from fusedata.storage import locate
 from schemas.fused import fused_schema
 from schemas.manifest import Manifest
@@ -92,7 +92,7 @@ def named_location(text: str) -> tuple[str | None, str]:
 
 
 @dataclass(frozen=True)
-class FuseJob:
+class FuseJob(JobOptions):
     """`target` and each `aligned` entry: a dataset folder, or NAME=FOLDER to name that candidate in the
     fused dataset and in `inspect` (default: the model as given to extract)."""
 
@@ -100,10 +100,6 @@ class FuseJob:
     aligned: list[str]
     output: str
     config: FuseConfig = field(default_factory=FuseConfig)
-    overwrite: bool = False
-    quiet: bool = False
-    verify: bool = True  # check each input shard against its manifest sha256 (--no-verify: False)
-    log: Any = field(default=print, repr=False)
     names: dict[int, str] = field(default_factory=dict, init=False)  # candidate index -> the NAME given
 
     def __post_init__(self) -> None:
